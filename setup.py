@@ -1,0 +1,33 @@
+"""Builds shmq's native ring engine.
+
+SHMQ_SANITIZE=address,undefined builds it with those sanitizers (for CI jobs
+that run the suite under ASan/UBSan; LD_PRELOAD the runtime when running it).
+SHMQ_DEBUG=1 builds without optimisation and with assertions.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fno-strict-aliasing"]
+link_args: list[str] = []
+sanitize = os.environ.get("SHMQ_SANITIZE", "").strip()
+if sanitize:
+    compile_args += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g", "-O1"]
+    link_args += [f"-fsanitize={sanitize}"]
+elif os.environ.get("SHMQ_DEBUG"):
+    compile_args += ["-O0", "-g", "-UNDEBUG"]
+else:
+    compile_args += ["-O2"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "shmq._native._ring",
+            sources=["shmq/_native/_ringmodule.c", "shmq/_native/ring.c"],
+            depends=["shmq/_native/ring.h"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    ]
+)

@@ -1,0 +1,60 @@
+"""shmq: message queues between processes on one machine, through shared memory.
+
+How the layers stack (bottom up):
+
+  shmq/_native/ring.c      the ring engine in C11: claim, commit, read, release,
+                           futex wait/wake. No Python, no allocation.
+  shmq/_native/_ringmodule.c
+                           the CPython binding: `Ring`, zero-copy slots, timeouts,
+                           the GIL released while waiting, codes -> exceptions.
+  shmq/_segment.py         naming and lifecycle of /dev/shm segments.
+  shmq/queue.py            `Queue`, the public face (subclasses `Ring`), pickling,
+                           objects, statistics; shmq/_async.py for asyncio.
+  shmq/cli.py              the `shmq` command.
+
+docs/ARCHITECTURE.md has the byte layouts and the memory-ordering argument.
+"""
+
+from __future__ import annotations
+
+from shmq import testing
+from shmq._errors import (
+    AlreadyExists,
+    Closed,
+    CorruptSegment,
+    Empty,
+    Full,
+    IncompatibleSegment,
+    InvalidArgument,
+    MessageTooLarge,
+    MessageTypeError,
+    NotFound,
+    PermissionDenied,
+    ShmqError,
+    native_error_classes,
+)
+from shmq._native import _ring
+from shmq.queue import Queue, QueueStats
+
+_ring.set_error_classes(native_error_classes())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExists",
+    "Closed",
+    "CorruptSegment",
+    "Empty",
+    "Full",
+    "IncompatibleSegment",
+    "InvalidArgument",
+    "MessageTooLarge",
+    "MessageTypeError",
+    "NotFound",
+    "PermissionDenied",
+    "Queue",
+    "QueueStats",
+    "ShmqError",
+    "__version__",
+    "testing",
+]

@@ -1,0 +1,87 @@
+"""shmq's exceptions: one base, and a builtin beside it wherever one fits.
+
+The native core returns result codes; `shmq/_native/_ringmodule.c:raise_code`
+is the only place that turns them into these classes.
+"""
+
+from __future__ import annotations
+
+import queue as _queue
+
+__all__ = [
+    "AlreadyExists",
+    "Closed",
+    "CorruptSegment",
+    "Empty",
+    "Full",
+    "IncompatibleSegment",
+    "InvalidArgument",
+    "MessageTooLarge",
+    "MessageTypeError",
+    "NotFound",
+    "PermissionDenied",
+    "ShmqError",
+]
+
+
+class ShmqError(Exception):
+    """Base class of every error shmq raises on purpose."""
+
+
+class Full(ShmqError, _queue.Full):
+    """The ring has no room for the message within the timeout (also `queue.Full`)."""
+
+
+class Empty(ShmqError, _queue.Empty):
+    """No message arrived within the timeout (also `queue.Empty`)."""
+
+
+class MessageTooLarge(ShmqError, ValueError):
+    """The message is larger than the queue's `max_message`; nothing was written."""
+
+
+class MessageTypeError(ShmqError, TypeError):
+    """The message is not a C-contiguous buffer (bytes, bytearray, memoryview, numpy array)."""
+
+
+class InvalidArgument(ShmqError, ValueError):
+    """An argument is out of range: capacity, kind, wait strategy, timeout, name."""
+
+
+class NotFound(ShmqError, FileNotFoundError):
+    """No segment has that name (attach with create=True to make one)."""
+
+
+class AlreadyExists(ShmqError, FileExistsError):
+    """A segment with that name exists already (attach with create=False, or unlink it)."""
+
+
+class PermissionDenied(ShmqError, PermissionError):
+    """The segment exists but this process may not open it."""
+
+
+class CorruptSegment(ShmqError):
+    """The segment's bytes are not a valid shmq ring: wrong magic, bad size, damaged frames."""
+
+
+class IncompatibleSegment(ShmqError, ValueError):
+    """The segment is a valid ring of another layout version, kind or capacity than asked for."""
+
+
+class Closed(ShmqError, ValueError):
+    """The queue was closed by this process (like `multiprocessing.Queue`, also `ValueError`)."""
+
+
+def native_error_classes() -> dict[str, type[BaseException]]:
+    """The classes the native core raises, by the names it knows them by."""
+    return {
+        "ShmqError": ShmqError,
+        "Full": Full,
+        "Empty": Empty,
+        "MessageTooLarge": MessageTooLarge,
+        "CorruptSegment": CorruptSegment,
+        "IncompatibleSegment": IncompatibleSegment,
+        "Closed": Closed,
+        "MessageTypeError": MessageTypeError,
+        "InvalidArgument": InvalidArgument,
+    }

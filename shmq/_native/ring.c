@@ -1,0 +1,599 @@
+/*
+ * shmq ring engine. See ring.h for the layout and docs/ARCHITECTURE.md for the
+ * algorithm. Every release below names the acquire it pairs with ("SYNC").
+ */
+#define _GNU_SOURCE
+#include "ring.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RELAXED memory_order_relaxed
+#define ACQUIRE memory_order_acquire
+#define RELEASE memory_order_release
+#define SEQ_CST memory_order_seq_cst
+
+#define U64_AT(base, off) ((_Atomic uint64_t *)((base) + (off)))
+#define U32_AT(base, off) ((_Atomic uint32_t *)((base) + (off)))
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+int64_t shmq_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ */
+/* Segment lifecycle                                                   */
+/* ------------------------------------------------------------------ */
+
+static int is_power_of_two(uint64_t x) { return x && !(x & (x - 1)); }
+
+int shmq_format(uint8_t *base, uint64_t size, uint32_t kind, uint64_t capacity,
+                uint64_t creator_pid, uint64_t created_ns)
+{
+    if (kind < SHMQ_SPSC || kind > SHMQ_MPMC)
+        return SHMQ_BAD_KIND;
+    if (!is_power_of_two(capacity) || capacity < SHMQ_MIN_CAPACITY || capacity > SHMQ_MAX_CAPACITY)
+        return SHMQ_BAD_ARGUMENT;
+    if (size != SHMQ_HEADER_SIZE + capacity)
+        return SHMQ_BAD_SIZE;
+    /* A fresh mapping is zero already; clearing the header makes re-formatting
+     * a reused segment safe. The data area needs no clearing: readers only look
+     * below tail_commit, which covers bytes written in this lifetime only. */
+    memset(base, 0, SHMQ_HEADER_SIZE);
+    *(uint32_t *)(base + SHMQ_OFF_VERSION) = SHMQ_VERSION;
+    *(uint32_t *)(base + SHMQ_OFF_KIND) = kind;
+    *(uint64_t *)(base + SHMQ_OFF_CAPACITY) = capacity;
+    *(uint64_t *)(base + SHMQ_OFF_CREATOR_PID) = creator_pid;
+    *(uint64_t *)(base + SHMQ_OFF_CREATED_NS) = created_ns;
+    *(uint64_t *)(base + SHMQ_OFF_MAX_MESSAGE) = capacity / 2 - SHMQ_FRAME_HEADER;
+    *(uint32_t *)(base + SHMQ_OFF_HEADER_SIZE) = SHMQ_HEADER_SIZE;
+    *(uint32_t *)(base + SHMQ_OFF_FRAME_ALIGN) = SHMQ_FRAME_ALIGN;
+    /* SYNC: pairs with the acquire load of magic in shmq_attach(): an attacher
+     * that sees the magic sees the whole header. */
+    atomic_store_explicit(U64_AT(base, SHMQ_OFF_MAGIC), SHMQ_MAGIC, RELEASE);
+    return SHMQ_OK;
+}
+
+int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
+{
+    memset(r, 0, sizeof(*r));
+    if (size < SHMQ_HEADER_SIZE)
+        return SHMQ_BAD_SIZE;
+    uint64_t magic = atomic_load_explicit(U64_AT(base, SHMQ_OFF_MAGIC), ACQUIRE);
+    if (magic == 0)
+        return SHMQ_NOT_READY;
+    if (magic != SHMQ_MAGIC)
+        return SHMQ_BAD_MAGIC;
+    if (*(uint32_t *)(base + SHMQ_OFF_VERSION) != SHMQ_VERSION)
+        return SHMQ_BAD_VERSION;
+    uint32_t kind = *(uint32_t *)(base + SHMQ_OFF_KIND);
+    if (kind < SHMQ_SPSC || kind > SHMQ_MPMC)
+        return SHMQ_BAD_KIND;
+    uint64_t capacity = *(uint64_t *)(base + SHMQ_OFF_CAPACITY);
+    if (!is_power_of_two(capacity) || capacity < SHMQ_MIN_CAPACITY || capacity > SHMQ_MAX_CAPACITY ||
+        *(uint32_t *)(base + SHMQ_OFF_HEADER_SIZE) != SHMQ_HEADER_SIZE ||
+        *(uint64_t *)(base + SHMQ_OFF_MAX_MESSAGE) != capacity / 2 - SHMQ_FRAME_HEADER ||
+        size != SHMQ_HEADER_SIZE + capacity)
+        return SHMQ_BAD_SIZE;
+
+    r->base = base;
+    r->data = base + SHMQ_HEADER_SIZE;
+    r->capacity = capacity;
+    r->mask = capacity - 1;
+    r->max_message = capacity / 2 - SHMQ_FRAME_HEADER;
+    r->kind = kind;
+    r->multi_producer = kind != SHMQ_SPSC;
+    r->multi_consumer = kind == SHMQ_MPMC;
+    r->tail_claim = U64_AT(base, SHMQ_OFF_TAIL_CLAIM);
+    r->tail_commit = U64_AT(base, SHMQ_OFF_TAIL_COMMIT);
+    r->head_claim = U64_AT(base, SHMQ_OFF_HEAD_CLAIM);
+    r->head_release = U64_AT(base, SHMQ_OFF_HEAD_RELEASE);
+    r->put_count = U64_AT(base, SHMQ_OFF_PUT_COUNT);
+    r->put_bytes = U64_AT(base, SHMQ_OFF_PUT_BYTES);
+    r->get_count = U64_AT(base, SHMQ_OFF_GET_COUNT);
+    r->get_bytes = U64_AT(base, SHMQ_OFF_GET_BYTES);
+    r->get_waits = U64_AT(base, SHMQ_OFF_GET_WAITS);
+    r->put_waits = U64_AT(base, SHMQ_OFF_PUT_WAITS);
+    r->data_wakes = U64_AT(base, SHMQ_OFF_DATA_WAKES);
+    r->space_wakes = U64_AT(base, SHMQ_OFF_SPACE_WAKES);
+    r->data_futex = U32_AT(base, SHMQ_OFF_DATA_FUTEX);
+    r->data_waiters = U32_AT(base, SHMQ_OFF_DATA_WAITERS);
+    r->space_futex = U32_AT(base, SHMQ_OFF_SPACE_FUTEX);
+    r->space_waiters = U32_AT(base, SHMQ_OFF_SPACE_WAITERS);
+
+    /* The cursors are untrusted input: check their invariants once here, and
+     * every frame header again before it is used. */
+    uint64_t head = atomic_load_explicit(r->head_release, ACQUIRE);
+    uint64_t tail = atomic_load_explicit(r->tail_commit, ACQUIRE);
+    if (tail - head > capacity || (head | tail) % SHMQ_FRAME_ALIGN)
+        return SHMQ_CORRUPT;
+    atomic_store_explicit(&r->cached_head, head, RELAXED);
+    atomic_store_explicit(&r->cached_tail, tail, RELAXED);
+    return SHMQ_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Frames                                                              */
+/* ------------------------------------------------------------------ */
+
+static inline _Atomic uint32_t *frame_length(const shmq_ring *r, uint64_t pos)
+{
+    return (_Atomic uint32_t *)(r->data + (pos & r->mask));
+}
+
+static inline _Atomic uint32_t *frame_state(const shmq_ring *r, uint64_t pos)
+{
+    return (_Atomic uint32_t *)(r->data + (pos & r->mask) + 4);
+}
+
+/* Where a frame of `length` payload bytes lands if placed at or after `pos`:
+ * returns the position after it and stores its header position. */
+static inline uint64_t frame_extent(const shmq_ring *r, uint64_t pos, uint64_t length,
+                                    uint64_t *frame_pos)
+{
+    uint64_t size = shmq_frame_size(length);
+    uint64_t off = pos & r->mask;
+    if (off + size > r->capacity)
+        pos += r->capacity - off; /* PAD frame to the end, then wrap */
+    *frame_pos = pos;
+    return pos + size;
+}
+
+/* Reads and bounds-checks the frame at pos, which must lie below limit.
+ * Headers are read with relaxed atomics: a multi-consumer reader may race with
+ * a producer reusing the bytes, and then the claim CAS that follows fails. */
+static inline int frame_at(const shmq_ring *r, uint64_t pos, uint64_t limit,
+                           uint64_t *next, uint32_t *type, uint32_t *length)
+{
+    uint32_t len = atomic_load_explicit(frame_length(r, pos), RELAXED);
+    uint32_t state = atomic_load_explicit(frame_state(r, pos), RELAXED);
+    uint64_t size = shmq_frame_size(len);
+    uint64_t off = pos & r->mask;
+    uint32_t t = state & SHMQ_FRAME_TYPE_MASK;
+    if ((t != SHMQ_FRAME_MSG && t != SHMQ_FRAME_PAD) || off + size > r->capacity ||
+        size > limit - pos || (t == SHMQ_FRAME_MSG && len > r->max_message))
+        return SHMQ_CORRUPT;
+    *next = pos + size;
+    *type = t;
+    *length = len;
+    return SHMQ_OK;
+}
+
+static inline void write_header(shmq_ring *r, uint64_t pos, uint32_t length, uint32_t type)
+{
+    /* Relaxed: published by the release store of tail_commit in shmq_commit. */
+    atomic_store_explicit(frame_length(r, pos), length, RELAXED);
+    atomic_store_explicit(frame_state(r, pos), type, RELAXED);
+}
+
+/* ------------------------------------------------------------------ */
+/* Wake-up (the writer half of the eventcount)                         */
+/* ------------------------------------------------------------------ */
+
+static inline long futex(_Atomic uint32_t *word, int op, uint32_t val, const struct timespec *ts)
+{
+    /* Not FUTEX_PRIVATE_FLAG: the word lives in memory shared between processes. */
+    return syscall(SYS_futex, (uint32_t *)word, op, val, ts, NULL, 0);
+}
+
+static inline void wake_waiters(_Atomic uint32_t *word, _Atomic uint32_t *waiters,
+                                _Atomic uint64_t *wakes)
+{
+    /* SYNC: Dekker pair with shmq_wait(), which increments `waiters`, fences,
+     * then re-checks the cursors. Our cursor store came before this fence, so
+     * either we see its waiter count here or it sees our cursor there. */
+    atomic_thread_fence(SEQ_CST);
+    if (atomic_load_explicit(waiters, RELAXED) == 0)
+        return; /* nobody sleeps: no syscall on the fast path */
+    /* SYNC: release pairs with the acquire load of `word` in shmq_wait(): a
+     * waiter that reads the new value also reads our cursor store. */
+    atomic_fetch_add_explicit(word, 1, RELEASE);
+    futex(word, FUTEX_WAKE, INT_MAX, NULL);
+    atomic_fetch_add_explicit(wakes, 1, RELAXED);
+}
+
+/* ------------------------------------------------------------------ */
+/* Producer side                                                       */
+/* ------------------------------------------------------------------ */
+
+int shmq_check_length(const shmq_ring *r, uint64_t length)
+{
+    return length > r->max_message ? SHMQ_TOO_LARGE : SHMQ_OK;
+}
+
+static inline uint64_t producer_cursor(shmq_ring *r)
+{
+    /* A single producer owns tail_commit; multiple producers race on tail_claim. */
+    return atomic_load_explicit(r->multi_producer ? r->tail_claim : r->tail_commit, RELAXED);
+}
+
+/* How many of the messages fit after t, given the head we know of. */
+static inline size_t fit(const shmq_ring *r, uint64_t t, uint64_t head, const uint64_t *lengths,
+                         size_t n, uint64_t *end, uint64_t *bytes)
+{
+    size_t k = 0;
+    uint64_t pos = t, fp, total = 0;
+    while (k < n) {
+        uint64_t next = frame_extent(r, pos, lengths[k], &fp);
+        if (next - head > r->capacity)
+            break;
+        pos = next;
+        total += lengths[k];
+        k++;
+    }
+    *end = pos;
+    *bytes = total;
+    return k;
+}
+
+int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span)
+{
+    uint64_t t = producer_cursor(r);
+    for (;;) {
+        uint64_t head = atomic_load_explicit(&r->cached_head, RELAXED);
+        uint64_t end, bytes;
+        size_t k = fit(r, t, head, lengths, n, &end, &bytes);
+        if (k < n) {
+            /* SYNC: acquire pairs with the release store (single consumer) or
+             * CAS (multi consumer) of head_release in shmq_release(): the
+             * readers' last reads of the bytes we are about to reuse happen
+             * before our writes. */
+            head = atomic_load_explicit(r->head_release, ACQUIRE);
+            atomic_store_explicit(&r->cached_head, head, RELAXED);
+            k = fit(r, t, head, lengths, n, &end, &bytes);
+            if (k == 0)
+                return SHMQ_FULL;
+        }
+        /* A single producer owns the cursor; several race for it. Relaxed CAS:
+         * the claim only has to be atomic, the bytes are published by the
+         * ordered commit, and our view of head came from the acquire above. */
+        if (!r->multi_producer ||
+            atomic_compare_exchange_weak_explicit(r->tail_claim, &t, end, RELAXED, RELAXED)) {
+            span->start = t;
+            span->end = end;
+            span->count = k;
+            span->bytes = bytes;
+            return SHMQ_OK;
+        }
+        /* t now holds the current claim cursor: fit again from there. */
+    }
+}
+
+uint8_t *shmq_place(shmq_ring *r, uint64_t *pos, uint32_t length)
+{
+    uint64_t fp;
+    uint64_t next = frame_extent(r, *pos, length, &fp);
+    if (fp != *pos)
+        write_header(r, *pos, (uint32_t)(fp - *pos - SHMQ_FRAME_HEADER), SHMQ_FRAME_PAD);
+    write_header(r, fp, length, SHMQ_FRAME_MSG);
+    *pos = next;
+    return r->data + (fp & r->mask) + SHMQ_FRAME_HEADER;
+}
+
+int shmq_commit_ready(shmq_ring *r, const shmq_span *span)
+{
+    if (!r->multi_producer)
+        return 1;
+    /* SYNC: acquire pairs with the predecessor's release store of tail_commit
+     * in shmq_commit(): we take over its counters and order after its frames. */
+    return atomic_load_explicit(r->tail_commit, ACQUIRE) == span->start;
+}
+
+void shmq_commit(shmq_ring *r, const shmq_span *span)
+{
+    /* Commits are ordered, so the committer is the only writer of the put
+     * counters at this moment: plain read-modify-write, no atomic RMW. */
+    atomic_store_explicit(r->put_count, atomic_load_explicit(r->put_count, RELAXED) + span->count,
+                          RELAXED);
+    atomic_store_explicit(r->put_bytes, atomic_load_explicit(r->put_bytes, RELAXED) + span->bytes,
+                          RELAXED);
+    /* SYNC: release pairs with the acquire loads of tail_commit in shmq_read()
+     * (consumers see our headers and payloads), in shmq_commit_ready() (the
+     * next producer), and in shmq_condition_holds(). */
+    atomic_store_explicit(r->tail_commit, span->end, RELEASE);
+    wake_waiters(r->data_futex, r->data_waiters, r->data_wakes);
+}
+
+void shmq_abandon(shmq_ring *r, const shmq_span *span)
+{
+    /* Nothing is delivered: the claimed bytes become one PAD frame per frame
+     * (a claim may contain the wrap, so walk it frame by frame), then commit. */
+    uint64_t pos = span->start;
+    while (pos < span->end) {
+        uint32_t len = atomic_load_explicit(frame_length(r, pos), RELAXED);
+        uint64_t size = shmq_frame_size(len);
+        atomic_store_explicit(frame_state(r, pos), SHMQ_FRAME_PAD, RELAXED);
+        pos += size;
+    }
+    shmq_span empty = {span->start, span->end, 0, 0};
+    shmq_commit(r, &empty);
+}
+
+/* ------------------------------------------------------------------ */
+/* Consumer side                                                       */
+/* ------------------------------------------------------------------ */
+
+/* Walks frames from h towards limit, at most max_messages MSG frames. */
+static inline int walk(const shmq_ring *r, uint64_t h, uint64_t limit, size_t max_messages,
+                       shmq_span *span)
+{
+    uint64_t pos = h, count = 0, bytes = 0;
+    while (pos != limit && count < max_messages) {
+        uint64_t next;
+        uint32_t type, len;
+        if (frame_at(r, pos, limit, &next, &type, &len) != SHMQ_OK) {
+            if (pos == h)
+                return SHMQ_CORRUPT;
+            break; /* deliver what was good; the bad frame is reported next call */
+        }
+        if (type == SHMQ_FRAME_MSG) {
+            count++;
+            bytes += len;
+        }
+        pos = next;
+    }
+    span->start = h;
+    span->end = pos;
+    span->count = count;
+    span->bytes = bytes;
+    return SHMQ_OK;
+}
+
+static void advance_release(shmq_ring *r);
+
+int shmq_read(shmq_ring *r, size_t max_messages, shmq_span *span)
+{
+    if (max_messages == 0)
+        return SHMQ_BAD_ARGUMENT;
+    for (;;) {
+        if (!r->multi_consumer) {
+            uint64_t h = atomic_load_explicit(r->head_release, RELAXED); /* we own it */
+            uint64_t t = atomic_load_explicit(&r->cached_tail, RELAXED);
+            if (h == t) {
+                /* SYNC: acquire pairs with the release store of tail_commit in
+                 * shmq_commit(): frames below t are fully written. */
+                t = atomic_load_explicit(r->tail_commit, ACQUIRE);
+                atomic_store_explicit(&r->cached_tail, t, RELAXED);
+                if (h == t)
+                    return SHMQ_EMPTY;
+            }
+            if (t - h > r->capacity)
+                return SHMQ_CORRUPT;
+            int rc = walk(r, h, t, max_messages, span);
+            if (rc != SHMQ_OK)
+                return rc;
+        } else {
+            uint64_t h = atomic_load_explicit(r->head_claim, RELAXED);
+            for (;;) {
+                /* SYNC: acquire pairs with the release store in shmq_commit(). */
+                uint64_t t = atomic_load_explicit(r->tail_commit, ACQUIRE);
+                if (h == t)
+                    return SHMQ_EMPTY;
+                int rc = SHMQ_CORRUPT;
+                if (t - h <= r->capacity)
+                    rc = walk(r, h, t, max_messages, span);
+                if (rc != SHMQ_OK) {
+                    /* Either h went stale under us (another consumer took the
+                     * frame and a producer reused it) or the ring is damaged. */
+                    uint64_t now = atomic_load_explicit(r->head_claim, RELAXED);
+                    if (now == h)
+                        return SHMQ_CORRUPT;
+                    h = now;
+                    continue;
+                }
+                /* Success proves h was still unclaimed, so the headers we read
+                 * were the committed ones (nobody may reuse an unclaimed frame). */
+                if (atomic_compare_exchange_weak_explicit(r->head_claim, &h, span->end, ACQUIRE,
+                                                          RELAXED))
+                    break;
+            }
+            atomic_fetch_add_explicit(r->get_count, span->count, RELAXED);
+            atomic_fetch_add_explicit(r->get_bytes, span->bytes, RELAXED);
+        }
+        if (span->count > 0)
+            return SHMQ_OK;
+        /* Only PAD frames (e.g. abandoned put_view claims): free them, look again. */
+        shmq_release(r, span);
+    }
+}
+
+const uint8_t *shmq_next(shmq_ring *r, uint64_t *pos, uint64_t end, uint32_t *length)
+{
+    while (*pos < end) {
+        uint64_t next;
+        uint32_t type, len;
+        if (frame_at(r, *pos, end, &next, &type, &len) != SHMQ_OK)
+            return NULL; /* the frame changed after shmq_read checked it */
+        uint64_t at = *pos;
+        *pos = next;
+        if (type == SHMQ_FRAME_MSG) {
+            *length = len;
+            return r->data + (at & r->mask) + SHMQ_FRAME_HEADER;
+        }
+    }
+    return NULL;
+}
+
+/* Moves head_release over consecutive DONE frames. Any consumer may do it. */
+static void advance_release(shmq_ring *r)
+{
+    uint64_t p = atomic_load_explicit(r->head_release, SEQ_CST);
+    for (;;) {
+        uint64_t claimed = atomic_load_explicit(r->head_claim, ACQUIRE);
+        if (p >= claimed)
+            return;
+        /* SYNC: seq_cst load pairs with the seq_cst DONE store in
+         * shmq_release() (acquire half: that reader's payload reads happen
+         * before our CAS, which producers acquire) and completes the Dekker
+         * pattern with its head_release load: either we see DONE here or that
+         * reader sees our CAS result and advances by itself. */
+        uint32_t state = atomic_load_explicit(frame_state(r, p), SEQ_CST);
+        if (!(state & SHMQ_FRAME_DONE))
+            return;
+        uint32_t len = atomic_load_explicit(frame_length(r, p), RELAXED);
+        uint64_t size = shmq_frame_size(len);
+        if (size > r->capacity - (p & r->mask))
+            return; /* stale read (the CAS would fail) or damage: never advance on it */
+        /* SYNC: release half pairs with the acquire load of head_release in
+         * shmq_claim(); seq_cst for the Dekker pattern above. */
+        if (atomic_compare_exchange_strong_explicit(r->head_release, &p, p + size, SEQ_CST,
+                                                    SEQ_CST))
+            p += size;
+        /* on failure p holds the current head_release: continue from there */
+    }
+}
+
+void shmq_release(shmq_ring *r, const shmq_span *span)
+{
+    if (!r->multi_consumer) {
+        atomic_store_explicit(r->get_count,
+                              atomic_load_explicit(r->get_count, RELAXED) + span->count, RELAXED);
+        atomic_store_explicit(r->get_bytes,
+                              atomic_load_explicit(r->get_bytes, RELAXED) + span->bytes, RELAXED);
+        /* SYNC: release pairs with the acquire load of head_release in
+         * shmq_claim(): our payload reads happen before a producer reuses them. */
+        atomic_store_explicit(r->head_release, span->end, RELEASE);
+    } else {
+        uint64_t pos = span->start;
+        while (pos < span->end) {
+            uint32_t len = atomic_load_explicit(frame_length(r, pos), RELAXED);
+            uint32_t state = atomic_load_explicit(frame_state(r, pos), RELAXED);
+            /* SYNC: pairs with the seq_cst state load in advance_release(). */
+            atomic_store_explicit(frame_state(r, pos), state | SHMQ_FRAME_DONE, SEQ_CST);
+            pos += shmq_frame_size(len);
+        }
+        advance_release(r);
+    }
+    wake_waiters(r->space_futex, r->space_waiters, r->space_wakes);
+}
+
+/* ------------------------------------------------------------------ */
+/* Waiting (the reader half of the eventcount)                         */
+/* ------------------------------------------------------------------ */
+
+int shmq_condition_holds(shmq_ring *r, int condition, uint64_t arg)
+{
+    switch (condition) {
+    case SHMQ_READABLE: {
+        uint64_t h = atomic_load_explicit(r->multi_consumer ? r->head_claim : r->head_release, RELAXED);
+        /* SYNC: acquire pairs with the release store in shmq_commit(). */
+        return atomic_load_explicit(r->tail_commit, ACQUIRE) != h;
+    }
+    case SHMQ_WRITABLE: {
+        uint64_t fp;
+        uint64_t next = frame_extent(r, producer_cursor(r), arg, &fp);
+        /* SYNC: acquire pairs with the head_release release in shmq_release(). */
+        return next - atomic_load_explicit(r->head_release, ACQUIRE) <= r->capacity;
+    }
+    case SHMQ_COMMIT_TURN:
+        /* SYNC: acquire pairs with the release store in shmq_commit(). */
+        return atomic_load_explicit(r->tail_commit, ACQUIRE) == arg;
+    default:
+        return 1;
+    }
+}
+
+int shmq_wait(shmq_ring *r, int condition, uint64_t arg, int strategy, int64_t deadline_ns,
+              int64_t spin_ns)
+{
+    if (shmq_condition_holds(r, condition, arg))
+        return SHMQ_OK;
+    if (strategy != SHMQ_WAIT_BLOCK) {
+        int64_t start = shmq_now_ns();
+        int64_t until = deadline_ns;
+        if (strategy == SHMQ_WAIT_ADAPTIVE && (until < 0 || start + spin_ns < until))
+            until = start + spin_ns;
+        for (unsigned i = 1;; i++) {
+            if (strategy == SHMQ_WAIT_YIELD)
+                sched_yield();
+            else
+                cpu_relax();
+            if (shmq_condition_holds(r, condition, arg))
+                return SHMQ_OK;
+            if ((strategy == SHMQ_WAIT_YIELD || (i & 63) == 0) && until >= 0 && shmq_now_ns() >= until)
+                break;
+        }
+        if (strategy != SHMQ_WAIT_ADAPTIVE)
+            return SHMQ_TIMEOUT;
+    }
+
+    int readable = condition != SHMQ_WRITABLE;
+    _Atomic uint32_t *word = readable ? r->data_futex : r->space_futex;
+    _Atomic uint32_t *waiters = readable ? r->data_waiters : r->space_waiters;
+    atomic_fetch_add_explicit(readable ? r->get_waits : r->put_waits, 1, RELAXED);
+    atomic_fetch_add_explicit(waiters, 1, SEQ_CST);
+    /* SYNC: Dekker pair with the fence in wake_waiters(): either the writer
+     * sees our waiter count, or our condition check below sees its cursor. */
+    atomic_thread_fence(SEQ_CST);
+    int rc;
+    for (;;) {
+        /* SYNC: acquire pairs with the release fetch_add in wake_waiters(). */
+        uint32_t seen = atomic_load_explicit(word, ACQUIRE);
+        if (shmq_condition_holds(r, condition, arg)) {
+            rc = SHMQ_OK;
+            break;
+        }
+        struct timespec ts, *tsp = NULL;
+        if (deadline_ns >= 0) {
+            int64_t left = deadline_ns - shmq_now_ns();
+            if (left <= 0) {
+                rc = SHMQ_TIMEOUT;
+                break;
+            }
+            ts.tv_sec = left / 1000000000LL;
+            ts.tv_nsec = left % 1000000000LL;
+            tsp = &ts;
+        }
+        /* Returns at once if the word moved since we read it (a wake we would
+         * otherwise miss), on FUTEX_WAKE, at the timeout, or on a signal. */
+        if (futex(word, FUTEX_WAIT, seen, tsp) == -1 && errno == EINTR) {
+            rc = SHMQ_INTERRUPTED;
+            break;
+        }
+    }
+    atomic_fetch_sub_explicit(waiters, 1, RELAXED);
+    return rc;
+}
+
+void shmq_wake_all(shmq_ring *r)
+{
+    atomic_fetch_add_explicit(r->data_futex, 1, RELEASE);
+    atomic_fetch_add_explicit(r->space_futex, 1, RELEASE);
+    futex(r->data_futex, FUTEX_WAKE, INT_MAX, NULL);
+    futex(r->space_futex, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* Observation                                                         */
+/* ------------------------------------------------------------------ */
+
+uint64_t shmq_depth_messages(shmq_ring *r)
+{
+    uint64_t got = atomic_load_explicit(r->get_count, RELAXED);
+    uint64_t put = atomic_load_explicit(r->put_count, RELAXED);
+    return put > got ? put - got : 0;
+}
+
+uint64_t shmq_depth_bytes(shmq_ring *r)
+{
+    uint64_t head = atomic_load_explicit(r->head_release, RELAXED);
+    uint64_t tail = atomic_load_explicit(r->tail_commit, RELAXED);
+    return tail > head ? tail - head : 0;
+}

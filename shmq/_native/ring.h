@@ -1,0 +1,186 @@
+/*
+ * shmq ring engine: lock-free SPSC / MPSC / MPMC byte rings in shared memory.
+ *
+ * Pure C11 (<stdatomic.h>), no Python: the CPython binding (_ringmodule.c) and
+ * the C reference benchmark (benchmarks/c_pingpong.c) both build on this file.
+ * docs/ARCHITECTURE.md explains the algorithm and the memory-ordering argument;
+ * the comments here name, at every release, the acquire it pairs with.
+ *
+ * Segment layout (all integers little-endian, offsets in bytes):
+ *
+ *   0     u64 magic         "SHMQRING"; stored last (release) by the creator
+ *   8     u32 version       SHMQ_VERSION
+ *   12    u32 kind          1 spsc, 2 mpsc, 3 mpmc
+ *   16    u64 capacity      data bytes, a power of two
+ *   24    u64 creator_pid
+ *   32    u64 created_ns    CLOCK_REALTIME at creation
+ *   40    u64 max_message   largest payload accepted (capacity / 2 - 8)
+ *   48    u32 header_size   SHMQ_HEADER_SIZE (data starts here)
+ *   52    u32 frame_align   8
+ *   56..255                 reserved (zero)
+ *   256   u64 tail_claim    multi-producer claim cursor (unused by spsc)
+ *   384   u64 tail_commit   everything below is readable;  +8 put_count, +16 put_bytes
+ *   512   u64 head_claim    multi-consumer claim cursor (unused by single consumer)
+ *   640   u64 head_release  everything below is free;       +8 get_count, +16 get_bytes
+ *   768   u32 data_futex, u32 data_waiters, u64 get_waits, u64 data_wakes
+ *   896   u32 space_futex, u32 space_waiters, u64 put_waits, u64 space_wakes
+ *   1024..4095              reserved (zero) for the attachment table
+ *   4096  data[capacity]
+ *
+ * Each hot word starts its own 128-byte block (two cache lines, so the
+ * adjacent-line prefetcher cannot make producer and consumer lines share).
+ * Positions are 64-bit byte counters that only grow; offset = pos & (capacity-1).
+ *
+ * A frame is { u32 length; u32 state; payload; zero padding to 8 bytes }.
+ * state = type (MSG or PAD) | DONE bit (set by a multi-consumer reader when it
+ * is finished with the frame). A frame never wraps: when it does not fit before
+ * the end of the data area, a PAD frame fills the rest and it starts at offset 0.
+ */
+#ifndef SHMQ_RING_H
+#define SHMQ_RING_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SHMQ_MAGIC 0x474E4952514D4853ull /* "SHMQRING" read as a little-endian u64 */
+#define SHMQ_VERSION 1u
+#define SHMQ_HEADER_SIZE 4096u
+#define SHMQ_FRAME_HEADER 8u
+#define SHMQ_FRAME_ALIGN 8u
+#define SHMQ_MIN_CAPACITY 64ull
+#define SHMQ_MAX_CAPACITY (1ull << 32)
+
+#define SHMQ_OFF_MAGIC 0
+#define SHMQ_OFF_VERSION 8
+#define SHMQ_OFF_KIND 12
+#define SHMQ_OFF_CAPACITY 16
+#define SHMQ_OFF_CREATOR_PID 24
+#define SHMQ_OFF_CREATED_NS 32
+#define SHMQ_OFF_MAX_MESSAGE 40
+#define SHMQ_OFF_HEADER_SIZE 48
+#define SHMQ_OFF_FRAME_ALIGN 52
+#define SHMQ_OFF_TAIL_CLAIM 256
+#define SHMQ_OFF_TAIL_COMMIT 384
+#define SHMQ_OFF_PUT_COUNT 392
+#define SHMQ_OFF_PUT_BYTES 400
+#define SHMQ_OFF_HEAD_CLAIM 512
+#define SHMQ_OFF_HEAD_RELEASE 640
+#define SHMQ_OFF_GET_COUNT 648
+#define SHMQ_OFF_GET_BYTES 656
+#define SHMQ_OFF_DATA_FUTEX 768
+#define SHMQ_OFF_DATA_WAITERS 772
+#define SHMQ_OFF_GET_WAITS 776
+#define SHMQ_OFF_DATA_WAKES 784
+#define SHMQ_OFF_SPACE_FUTEX 896
+#define SHMQ_OFF_SPACE_WAITERS 900
+#define SHMQ_OFF_PUT_WAITS 904
+#define SHMQ_OFF_SPACE_WAKES 912
+
+enum shmq_kind { SHMQ_SPSC = 1, SHMQ_MPSC = 2, SHMQ_MPMC = 3 };
+
+enum shmq_frame_state {
+    SHMQ_FRAME_MSG = 1,
+    SHMQ_FRAME_PAD = 2,
+    SHMQ_FRAME_TYPE_MASK = 0xff,
+    SHMQ_FRAME_DONE = 0x100,
+};
+
+/* Result codes: the hot path returns these; the binding maps them to
+ * exceptions in exactly one place (raise_code in _ringmodule.c). */
+enum shmq_code {
+    SHMQ_OK = 0,
+    SHMQ_FULL = 1,
+    SHMQ_EMPTY = 2,
+    SHMQ_TOO_LARGE = 3,
+    SHMQ_CORRUPT = 4,      /* a frame or position failed its bounds check */
+    SHMQ_TIMEOUT = 5,
+    SHMQ_INTERRUPTED = 6,  /* a signal arrived while blocked */
+    SHMQ_BAD_MAGIC = 7,
+    SHMQ_BAD_VERSION = 8,
+    SHMQ_BAD_KIND = 9,
+    SHMQ_BAD_SIZE = 10,    /* capacity / segment size mismatch */
+    SHMQ_NOT_READY = 11,   /* magic still zero: creator has not finished */
+    SHMQ_BAD_ARGUMENT = 12,
+};
+
+enum shmq_wait_strategy {
+    SHMQ_WAIT_SPIN = 0,
+    SHMQ_WAIT_YIELD = 1,
+    SHMQ_WAIT_BLOCK = 2,
+    SHMQ_WAIT_ADAPTIVE = 3,
+};
+
+enum shmq_condition {
+    SHMQ_READABLE = 0,     /* a committed frame is there to read */
+    SHMQ_WRITABLE = 1,     /* arg = payload length that must fit */
+    SHMQ_COMMIT_TURN = 2,  /* arg = claim start: all earlier claims are committed */
+};
+
+typedef struct shmq_ring {
+    uint8_t *base;
+    uint8_t *data;
+    uint64_t capacity;
+    uint64_t mask;
+    uint64_t max_message;
+    uint32_t kind;
+    int multi_producer;
+    int multi_consumer;
+    _Atomic uint64_t *tail_claim, *tail_commit, *head_claim, *head_release;
+    _Atomic uint64_t *put_count, *put_bytes, *get_count, *get_bytes;
+    _Atomic uint64_t *get_waits, *put_waits, *data_wakes, *space_wakes;
+    _Atomic uint32_t *data_futex, *data_waiters, *space_futex, *space_waiters;
+    /* Process-local caches of the other side's cursor. Cursors only grow, so a
+     * stale value is conservative (less space, fewer frames), never unsafe. */
+    _Atomic uint64_t cached_head;
+    _Atomic uint64_t cached_tail;
+} shmq_ring;
+
+/* A claimed range of the ring: [start, end) holds `count` frames (plus at most
+ * one PAD frame at the wrap). */
+typedef struct shmq_span {
+    uint64_t start;
+    uint64_t end;
+    uint64_t count;
+    uint64_t bytes;
+} shmq_span;
+
+static inline uint64_t shmq_frame_size(uint64_t length)
+{
+    return (SHMQ_FRAME_HEADER + length + (SHMQ_FRAME_ALIGN - 1)) & ~(uint64_t)(SHMQ_FRAME_ALIGN - 1);
+}
+
+/* Segment lifecycle. size is the whole mapping (header + capacity). */
+int shmq_format(uint8_t *base, uint64_t size, uint32_t kind, uint64_t capacity,
+                uint64_t creator_pid, uint64_t created_ns);
+int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size);
+
+/* Producer side. lengths must each be <= max_message (checked by the caller
+ * with shmq_check_length before anything is written). */
+int shmq_check_length(const shmq_ring *r, uint64_t length);
+int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span);
+uint8_t *shmq_place(shmq_ring *r, uint64_t *pos, uint32_t length);
+int shmq_commit_ready(shmq_ring *r, const shmq_span *span);
+void shmq_commit(shmq_ring *r, const shmq_span *span);
+void shmq_abandon(shmq_ring *r, const shmq_span *span);
+
+/* Consumer side. */
+int shmq_read(shmq_ring *r, size_t max_messages, shmq_span *span);
+const uint8_t *shmq_next(shmq_ring *r, uint64_t *pos, uint64_t end, uint32_t *length);
+void shmq_release(shmq_ring *r, const shmq_span *span);
+
+/* Waiting: returns SHMQ_OK when the condition holds, SHMQ_TIMEOUT at the
+ * deadline (CLOCK_MONOTONIC ns; < 0 waits forever), SHMQ_INTERRUPTED on a
+ * signal. Never call with the GIL held. */
+int shmq_wait(shmq_ring *r, int condition, uint64_t arg, int strategy,
+              int64_t deadline_ns, int64_t spin_ns);
+int shmq_condition_holds(shmq_ring *r, int condition, uint64_t arg);
+int64_t shmq_now_ns(void);
+/* Wakes every sleeper on both futex words (they re-check and may sleep again). */
+void shmq_wake_all(shmq_ring *r);
+
+/* Observation (approximate while other processes run). */
+uint64_t shmq_depth_messages(shmq_ring *r);
+uint64_t shmq_depth_bytes(shmq_ring *r);
+
+#endif /* SHMQ_RING_H */

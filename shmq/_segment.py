@@ -1,0 +1,119 @@
+"""Naming and lifecycle of shared-memory segments.
+
+A segment is a POSIX shared-memory object, i.e. a file in /dev/shm, named
+``shmq.<name>``: the same namespace `multiprocessing.shared_memory` uses, so
+``SharedMemory("shmq.jobs")`` opens it too. We open it ourselves instead of
+through `SharedMemory` because Python 3.11's resource tracker registers every
+attachment and unlinks (or warns about) the segment when any attaching process
+exits; a queue's lifetime belongs to its creator (`Queue.unlink()`), not to
+whichever process happens to exit first.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+
+from shmq._errors import AlreadyExists, CorruptSegment, InvalidArgument, NotFound, PermissionDenied
+
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "shmq."
+MAX_NAME_LENGTH = 200  # NAME_MAX is 255; leave room for the prefix and suffixes
+ATTACH_GRACE_S = 1.0  # how long an attacher waits for a creator that is mid-creation
+
+
+def validate_name(name: object) -> str:
+    """Return `name` if it can name a segment, else raise InvalidArgument saying why."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"a queue name must be a str, got {type(name).__name__}")
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"a queue name must have 1 to {MAX_NAME_LENGTH} characters, got {len(name)}")
+    bad = [c for c in name if c in "/\\\0" or not c.isprintable() or c.isspace()]
+    if bad:
+        raise InvalidArgument(
+            f"queue name {name!r} contains {bad[0]!r}; use letters, digits and . _ - (no '/', no spaces)"
+        )
+    return name
+
+
+def segment_path(name: str) -> str:
+    return os.path.join(SHM_DIR, SEGMENT_PREFIX + name)
+
+
+class Segment:
+    """A mapped segment: `close()` unmaps it, `unlink(name)` removes the name."""
+
+    __slots__ = ("created", "mapping", "name", "path", "size")
+
+    def __init__(self, name: str, mapping: mmap.mmap, size: int, created: bool) -> None:
+        self.name = name
+        self.path = segment_path(name)
+        self.mapping = mapping
+        self.size = size
+        self.created = created
+
+    @classmethod
+    def create(cls, name: str, size: int, mode: int = 0o600) -> Segment:
+        path = segment_path(validate_name(name))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"queue {name!r} exists already ({path}); attach with create=False, or remove it with "
+                f"Queue({name!r}).unlink() if it is stale"
+            ) from None
+        except PermissionError as exc:
+            raise PermissionDenied(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return cls(name, mapping, size, created=True)
+
+    @classmethod
+    def attach(cls, name: str, min_size: int) -> Segment:
+        path = segment_path(validate_name(name))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(
+                f"queue {name!r} does not exist ({path}); create it with Queue({name!r}, create=True)"
+            ) from None
+        except PermissionError as exc:
+            raise PermissionDenied(f"cannot open {path}: {exc.strerror}; check its owner and mode") from None
+        try:
+            deadline = time.monotonic() + ATTACH_GRACE_S
+            size = os.fstat(fd).st_size
+            while size < min_size and time.monotonic() < deadline:
+                time.sleep(0.001)  # the creator has not sized it yet
+                size = os.fstat(fd).st_size
+            if size < min_size:
+                raise CorruptSegment(
+                    f"segment {path} is {size} bytes, smaller than a shmq header ({min_size}); "
+                    f"it is not a shmq ring or its creator died while creating it: unlink it"
+                )
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(name, mapping, size, created=False)
+
+    def close(self) -> bool:
+        """Unmap; False if something still uses the mapping (it is unmapped when that ends)."""
+        try:
+            self.mapping.close()
+        except BufferError:
+            return False
+        return True
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        path = segment_path(validate_name(name))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            raise NotFound(f"queue {name!r} does not exist ({path})") from None
