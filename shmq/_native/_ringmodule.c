@@ -22,6 +22,9 @@
 #define DEFAULT_SPIN_NS 50000LL     /* adaptive: spin this long before sleeping */
 #define GIL_SPIN_ITERATIONS 256     /* spin/adaptive: poll this often before dropping the GIL */
 #define PUT_MANY_CHUNK 256
+/* Batches are claimed and released in pieces of about this many payload
+ * bytes, so the other side can work on one piece while we do the next. */
+#define BATCH_BYTES (64 * 1024)
 
 /* ------------------------------------------------------------------ */
 /* Exceptions: classes come from shmq/_errors.py via set_error_classes() */
@@ -552,7 +555,11 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
         Py_ssize_t j = 0;
         while (j < usable) {
             shmq_span span;
-            int rc = shmq_claim(&self->ring, lengths + j, (size_t)(usable - j), &span);
+            Py_ssize_t take = 1;
+            uint64_t piece = lengths[j];
+            while (j + take < usable && piece < BATCH_BYTES)
+                piece += lengths[j + take++];
+            int rc = shmq_claim(&self->ring, lengths + j, (size_t)take, &span);
             if (rc != SHMQ_OK) {
                 int w = wait_for(self, SHMQ_WRITABLE, lengths[j], deadline, self->strategy);
                 if (w == WAIT_AGAIN)
@@ -595,7 +602,7 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
 static int read_span(RingObject *self, size_t max, int64_t deadline, shmq_span *span)
 {
     for (;;) {
-        int rc = shmq_read(&self->ring, max, span);
+        int rc = shmq_read(&self->ring, max, BATCH_BYTES, span);
         if (rc == SHMQ_OK)
             return 1;
         if (rc != SHMQ_EMPTY) {

@@ -332,10 +332,10 @@ void shmq_abandon(shmq_ring *r, const shmq_span *span)
 
 /* Walks frames from h towards limit, at most max_messages MSG frames. */
 static inline int walk(const shmq_ring *r, uint64_t h, uint64_t limit, size_t max_messages,
-                       shmq_span *span)
+                       uint64_t max_bytes, shmq_span *span)
 {
     uint64_t pos = h, count = 0, bytes = 0;
-    while (pos != limit && count < max_messages) {
+    while (pos != limit && count < max_messages && (count == 0 || bytes < max_bytes)) {
         uint64_t next;
         uint32_t type, len;
         if (frame_at(r, pos, limit, &next, &type, &len) != SHMQ_OK) {
@@ -358,7 +358,7 @@ static inline int walk(const shmq_ring *r, uint64_t h, uint64_t limit, size_t ma
 
 static void advance_release(shmq_ring *r);
 
-int shmq_read(shmq_ring *r, size_t max_messages, shmq_span *span)
+int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *span)
 {
     if (max_messages == 0)
         return SHMQ_BAD_ARGUMENT;
@@ -376,7 +376,7 @@ int shmq_read(shmq_ring *r, size_t max_messages, shmq_span *span)
             }
             if (t - h > r->capacity)
                 return SHMQ_CORRUPT;
-            int rc = walk(r, h, t, max_messages, span);
+            int rc = walk(r, h, t, max_messages, max_bytes, span);
             if (rc != SHMQ_OK)
                 return rc;
         } else {
@@ -388,7 +388,7 @@ int shmq_read(shmq_ring *r, size_t max_messages, shmq_span *span)
                     return SHMQ_EMPTY;
                 int rc = SHMQ_CORRUPT;
                 if (t - h <= r->capacity)
-                    rc = walk(r, h, t, max_messages, span);
+                    rc = walk(r, h, t, max_messages, max_bytes, span);
                 if (rc != SHMQ_OK) {
                     /* Either h went stale under us (another consumer took the
                      * frame and a producer reused it) or the ring is damaged. */

@@ -165,7 +165,9 @@ void shmq_commit(shmq_ring *r, const shmq_span *span);
 void shmq_abandon(shmq_ring *r, const shmq_span *span);
 
 /* Consumer side. */
-int shmq_read(shmq_ring *r, size_t max_messages, shmq_span *span);
+/* Claims up to max_messages frames; stops early once max_bytes of payload are
+ * taken (at least one message is always taken). */
+int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *span);
 const uint8_t *shmq_next(shmq_ring *r, uint64_t *pos, uint64_t end, uint32_t *length);
 void shmq_release(shmq_ring *r, const shmq_span *span);
 
