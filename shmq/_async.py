@@ -57,7 +57,9 @@ class RingWaiter:
                 raise ShmqError(f"{self._label}: the queue was closed")
             self._entries.append(entry)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"shmq-wait-{self._label}", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name=f"shmq-wait-{self._label}", daemon=True
+                )
                 self._thread.start()
             self._cond.notify()
         try:

@@ -9,6 +9,7 @@ is not hot: naming and lifecycle, pickling, asyncio, objects, statistics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import struct
 import time
@@ -178,10 +179,8 @@ class Queue(_ring.Ring):
         """Close; the creating handle also unlinks the segment."""
         self.close()
         if self._owner:
-            try:
+            with contextlib.suppress(NotFound):
                 self.unlink()
-            except NotFound:
-                pass
 
     # -- statistics -------------------------------------------------------
 
@@ -237,13 +236,13 @@ class Queue(_ring.Ring):
 
     async def put_async(self, data: Any, timeout: float | None = None) -> None:
         """Put without blocking the event loop; raises Full after `timeout` seconds."""
-        nbytes = memoryview(data).nbytes if not isinstance(data, bytes) else len(data)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while True:
             try:
                 self.put_nowait(data)
                 return
             except Full:
+                nbytes = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
                 if self._write_waiter is None:
                     self._write_waiter = RingWaiter(
                         lambda n, t: self.wait_writable(n, t), f"{self._name}-put"
@@ -278,8 +277,9 @@ def _load_obj(payload: bytearray, name: str) -> Any:
 
     try:
         count, _, length = _OBJ_HEADER.unpack_from(payload, 0)
-        lengths = [_OBJ_LENGTH.unpack_from(payload, _OBJ_HEADER.size + _OBJ_LENGTH.size * i)[0]
-                   for i in range(count)]
+        lengths = [
+            _OBJ_LENGTH.unpack_from(payload, _OBJ_HEADER.size + _OBJ_LENGTH.size * i)[0] for i in range(count)
+        ]
         head = _OBJ_HEADER.size + _OBJ_LENGTH.size * count
         whole = memoryview(payload)
         data = whole[head : head + length]

@@ -847,9 +847,6 @@ static PyObject *Slot_exit(SlotObject *self, PyObject *args)
 {
     PyObject *exc_type = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
     if (slot_drop_view(self) < 0) {
-        if (self->writable && self->ring && !self->exports) {
-            /* unreachable: a failed release implies exports */
-        }
         if (self->writable)
             slot_finish(self, 0); /* contents may still change: deliver nothing */
         return NULL;
