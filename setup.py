@@ -6,8 +6,23 @@ SHMQ_DEBUG=1 builds without optimisation and with assertions.
 """
 
 import os
+import shutil
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class AtomicBuildExt(build_ext):  # type: ignore[misc]
+    """In-place builds replace the .so atomically: a running process that has the
+    old one mapped keeps its inode instead of seeing it truncated under it."""
+
+    def copy_file(self, infile, outfile, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.inplace:
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        tmp = f"{outfile}.tmp{os.getpid()}"
+        shutil.copyfile(infile, tmp)
+        os.replace(tmp, outfile)
+        return outfile, True
 
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fno-strict-aliasing"]
 link_args: list[str] = []
@@ -21,6 +36,7 @@ else:
     compile_args += ["-O2"]
 
 setup(
+    cmdclass={"build_ext": AtomicBuildExt},
     ext_modules=[
         Extension(
             "shmq._native._ring",
