@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import time
+from dataclasses import dataclass
 
 from shmq._errors import AlreadyExists, CorruptSegment, InvalidArgument, NotFound, PermissionDenied
 
@@ -117,3 +119,72 @@ class Segment:
             os.unlink(path)
         except FileNotFoundError:
             raise NotFound(f"queue {name!r} does not exist ({path})") from None
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What a segment's header says, read without attaching to it."""
+
+    name: str
+    path: str
+    size: int
+    valid: bool  #: magic and version are shmq's
+    problem: str  #: why not valid ("" when valid)
+    kind: str
+    capacity: int
+    creator_pid: int
+    created_ns: int
+    depth_messages: int
+    depth_bytes: int
+    owner_uid: int
+    mode: int
+
+
+_KIND_NAMES = {1: "spsc", 2: "mpsc", 3: "mpmc"}
+
+
+def read_info(name: str) -> SegmentInfo:
+    """Peek at a segment's header (read-only; never changes the segment)."""
+    from shmq._native import _ring
+
+    path = segment_path(validate_name(name))
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            head = f.read(1024)
+    except FileNotFoundError:
+        raise NotFound(f"queue {name!r} does not exist ({path})") from None
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot read {path}: {exc.strerror}") from None
+
+    def u64(off: int) -> int:
+        return int(struct.unpack_from("<Q", head, off)[0]) if len(head) >= off + 8 else 0
+
+    def u32(off: int) -> int:
+        return int(struct.unpack_from("<I", head, off)[0]) if len(head) >= off + 4 else 0
+
+    problem = ""
+    if len(head) < 1024:
+        problem = f"only {st.st_size} bytes"
+    elif u64(_ring.OFF_MAGIC) == 0:
+        problem = "never finished by its creator"
+    elif u64(_ring.OFF_MAGIC) != _ring.MAGIC:
+        problem = "not a shmq ring (wrong magic)"
+    elif u32(_ring.OFF_VERSION) != _ring.VERSION:
+        problem = f"layout version {u32(_ring.OFF_VERSION)}, this shmq speaks {_ring.VERSION}"
+    put, got = u64(_ring.OFF_TAIL_COMMIT + 8), u64(_ring.OFF_HEAD_RELEASE + 8)
+    return SegmentInfo(
+        name=name,
+        path=path,
+        size=st.st_size,
+        valid=not problem,
+        problem=problem,
+        kind=_KIND_NAMES.get(u32(_ring.OFF_KIND), "?"),
+        capacity=u64(_ring.OFF_CAPACITY),
+        creator_pid=u64(_ring.OFF_CREATOR_PID),
+        created_ns=u64(_ring.OFF_CREATED_NS),
+        depth_messages=max(0, put - got),
+        depth_bytes=max(0, u64(_ring.OFF_TAIL_COMMIT) - u64(_ring.OFF_HEAD_RELEASE)),
+        owner_uid=st.st_uid,
+        mode=st.st_mode & 0o777,
+    )
