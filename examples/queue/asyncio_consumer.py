@@ -9,6 +9,7 @@ and without polling it; a timeout raises shmq.Empty like the blocking get.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 
@@ -35,10 +36,8 @@ async def consume(q: shmq.Queue) -> list[bytes]:
 
     ticker = asyncio.create_task(heartbeat())
     received = [await q.get_async(timeout=30) for _ in range(MESSAGES)]
-    try:
+    with contextlib.suppress(shmq.Empty):
         await q.get_async(timeout=0.05)
-    except shmq.Empty:
-        pass
     ticker.cancel()
     print(f"received {len(received)} events; the event loop ticked {beats} times meanwhile")
     return received
