@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pickle
 import struct
 import time
@@ -304,15 +305,13 @@ def _check_capacity(capacity: object) -> None:
         raise InvalidArgument(f"capacity must be an int number of bytes, got {type(capacity).__name__}")
     lo, hi = _ring.MIN_CAPACITY, _ring.MAX_CAPACITY
     if capacity < lo or capacity > hi or capacity & (capacity - 1):
-        nearest = 1 << max(lo.bit_length() - 1, min(hi.bit_length() - 1, max(capacity, 1).bit_length()))
+        suggestion = min(hi, max(lo, 1 << max(0, capacity - 1).bit_length()))
         raise InvalidArgument(
-            f"capacity must be a power of two from {lo} to {hi} bytes, got {capacity}; try {nearest}"
+            f"capacity must be a power of two from {lo} to {hi} bytes, got {capacity}; try {suggestion}"
         )
 
 
 def _pid() -> int:
-    import os
-
     return os.getpid()
 
 

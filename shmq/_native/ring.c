@@ -124,6 +124,18 @@ int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
     uint64_t tail = atomic_load_explicit(r->tail_commit, ACQUIRE);
     if (tail - head > capacity || (head | tail) % SHMQ_FRAME_ALIGN)
         return SHMQ_CORRUPT;
+    /* Multi sides keep head_release <= head_claim <= tail_commit <= tail_claim
+     * (a concurrent user can only move them forward, within one capacity). */
+    if (r->multi_consumer) {
+        uint64_t claimed = atomic_load_explicit(r->head_claim, ACQUIRE);
+        if (claimed - head > capacity || claimed % SHMQ_FRAME_ALIGN)
+            return SHMQ_CORRUPT;
+    }
+    if (r->multi_producer) {
+        uint64_t claimed = atomic_load_explicit(r->tail_claim, ACQUIRE);
+        if (claimed - head > capacity || claimed % SHMQ_FRAME_ALIGN)
+            return SHMQ_CORRUPT;
+    }
     atomic_store_explicit(&r->cached_head, head, RELAXED);
     atomic_store_explicit(&r->cached_tail, tail, RELAXED);
     return SHMQ_OK;
@@ -537,7 +549,8 @@ int shmq_wait(shmq_ring *r, int condition, uint64_t arg, int strategy, int64_t d
     int readable = condition != SHMQ_WRITABLE;
     _Atomic uint32_t *word = readable ? r->data_futex : r->space_futex;
     _Atomic uint32_t *waiters = readable ? r->data_waiters : r->space_waiters;
-    atomic_fetch_add_explicit(readable ? r->get_waits : r->put_waits, 1, RELAXED);
+    if (condition != SHMQ_COMMIT_TURN) /* commit-order waits are not reader waits */
+        atomic_fetch_add_explicit(readable ? r->get_waits : r->put_waits, 1, RELAXED);
     atomic_fetch_add_explicit(waiters, 1, SEQ_CST);
     /* SYNC: Dekker pair with the fence in wake_waiters(): either the writer
      * sees our waiter count, or our condition check below sees its cursor. */
