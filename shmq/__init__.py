@@ -15,39 +15,41 @@ How the layers stack (bottom up):
 docs/ARCHITECTURE.md has the byte layouts and the memory-ordering argument.
 """
 
-from __future__ import annotations
-
 from shmq import testing
 from shmq._errors import (
     AlreadyExists,
+    ArgumentTypeError,
     Closed,
     CorruptSegment,
     Empty,
     Full,
     IncompatibleSegment,
     InvalidArgument,
+    MessageDecodeError,
     MessageTooLarge,
     MessageTypeError,
     NotFound,
     PermissionDenied,
     ShmqError,
-    native_error_classes,
 )
+from shmq._errors import native_error_classes as _native_error_classes
 from shmq._native import _ring
 from shmq.queue import Queue, QueueStats
 
-_ring.set_error_classes(native_error_classes())
+_ring.set_error_classes(_native_error_classes())
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists",
+    "ArgumentTypeError",
     "Closed",
     "CorruptSegment",
     "Empty",
     "Full",
     "IncompatibleSegment",
     "InvalidArgument",
+    "MessageDecodeError",
     "MessageTooLarge",
     "MessageTypeError",
     "NotFound",

@@ -10,12 +10,14 @@ import queue as _queue
 
 __all__ = [
     "AlreadyExists",
+    "ArgumentTypeError",
     "Closed",
     "CorruptSegment",
     "Empty",
     "Full",
     "IncompatibleSegment",
     "InvalidArgument",
+    "MessageDecodeError",
     "MessageTooLarge",
     "MessageTypeError",
     "NotFound",
@@ -46,6 +48,14 @@ class MessageTypeError(ShmqError, TypeError):
 
 class InvalidArgument(ShmqError, ValueError):
     """An argument is out of range: capacity, kind, wait strategy, timeout, name."""
+
+
+class ArgumentTypeError(ShmqError, TypeError):
+    """An argument has the wrong type (a str timeout, a float size, a bytes object for put_many)."""
+
+
+class MessageDecodeError(ShmqError, ValueError):
+    """get_obj() took a message that put_obj() did not write; the message is consumed."""
 
 
 class NotFound(ShmqError, FileNotFoundError):
@@ -84,4 +94,5 @@ def native_error_classes() -> dict[str, type[BaseException]]:
         "Closed": Closed,
         "MessageTypeError": MessageTypeError,
         "InvalidArgument": InvalidArgument,
+        "ArgumentTypeError": ArgumentTypeError,
     }

@@ -102,6 +102,10 @@ class Segment:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        # The creator stores the magic number last; give a creator that is still
+        # writing the header the same grace period (the ring then validates it).
+        while mapping[:8] == bytes(8) and time.monotonic() < deadline:
+            time.sleep(0.001)
         return cls(name, mapping, size, created=False)
 
     def close(self) -> bool:

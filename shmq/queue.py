@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from shmq._async import RingWaiter
-from shmq._errors import Empty, Full, IncompatibleSegment, InvalidArgument, NotFound
+from shmq._errors import Empty, Full, IncompatibleSegment, InvalidArgument, MessageDecodeError, NotFound
 from shmq._native import _ring
 from shmq._segment import Segment, validate_name
 
@@ -91,9 +91,9 @@ class Queue(_ring.Ring):
         wait: Wait = "adaptive",
     ) -> None:
         validate_name(name)
-        if wait not in WAITS:
+        if not isinstance(wait, str) or wait not in WAITS:
             raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
-        if kind is not None and kind not in KINDS:
+        if kind is not None and (not isinstance(kind, str) or kind not in KINDS):
             raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if capacity is not None:
             _check_capacity(capacity)
@@ -274,8 +274,6 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def _load_obj(payload: bytearray, name: str) -> Any:
-    from shmq._errors import CorruptSegment
-
     try:
         count, _, length = _OBJ_HEADER.unpack_from(payload, 0)
         lengths = [
@@ -293,11 +291,12 @@ def _load_obj(payload: bytearray, name: str) -> Any:
             offset += _align8(n)
         if head + length > len(payload):
             raise ValueError("pickle runs past the message")
-    except (struct.error, ValueError) as exc:
-        raise CorruptSegment(
-            f"message on queue {name!r} is not a put_obj() message ({exc}); use get() for raw bytes"
-        ) from None
-    return pickle.loads(data, buffers=buffers)
+        return pickle.loads(data, buffers=buffers)
+    except Exception as exc:  # struct.error, UnpicklingError, EOFError, ... from foreign bytes
+        raise MessageDecodeError(
+            f"a message on queue {name!r} is not a put_obj() message ({type(exc).__name__}: {exc}); "
+            f"it was consumed. Use get() for raw bytes"
+        ) from exc
 
 
 def _check_capacity(capacity: object) -> None:

@@ -13,9 +13,16 @@ from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment
 _counter = itertools.count()
 
 
+#: Set by a test session (and inherited by the processes it starts) so that
+#: every name it makes can be found again, e.g. to check for leaks.
+SESSION_ENV = "SHMQ_TEST_SESSION"
+
+
 def unique_name(prefix: str = "test") -> str:
-    """A queue name no other process or test will pick: prefix, pid, counter, random."""
-    return f"{prefix}-{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
+    """A queue name no other process or test will pick: prefix, [session], pid, counter, random."""
+    session = os.environ.get(SESSION_ENV)
+    tag = f"{session}-" if session else ""
+    return f"{prefix}-{tag}{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
 
 
 def segment_exists(name: str) -> bool:

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
 import shmq
-from shmq.testing import list_segments, remove_segment, unique_name
+from shmq.testing import SESSION_ENV, list_segments, remove_segment, unique_name
 
 # Spawned children import this package fresh: the realistic case for users.
 CTX = multiprocessing.get_context("spawn")
+
+# Every name made by unique_name() in this session, here or in a child process
+# (children inherit the environment), carries this token.
+SESSION = uuid.uuid4().hex[:10]
+os.environ[SESSION_ENV] = SESSION
+
+
+def session_segments() -> list[str]:
+    return [n for n in list_segments() if f"-{SESSION}-" in n]
 
 
 @pytest.fixture
@@ -38,12 +49,11 @@ def make_queue() -> Iterator[Callable[..., shmq.Queue]]:
         remove_segment(q.name)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_leaked_segments() -> Iterator[None]:
-    """Fails the session if tests of this process left shmq segments behind."""
-    before = set(list_segments("test-"))
-    yield
-    leaked = set(list_segments("test-")) - before
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if this session left shared-memory segments behind (and remove them)."""
+    leaked = session_segments()
     for n in leaked:
         remove_segment(n)
-    assert not leaked, f"tests leaked shared-memory segments: {sorted(leaked)}"
+    if leaked:
+        print(f"\nshmq: the test session leaked {len(leaked)} shared-memory segment(s): {leaked[:10]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -32,11 +32,11 @@
 
 enum error_class {
     E_BASE, E_FULL, E_EMPTY, E_TOO_LARGE, E_CORRUPT, E_INCOMPATIBLE, E_CLOSED,
-    E_MESSAGE_TYPE, E_INVALID_ARGUMENT, E_COUNT
+    E_MESSAGE_TYPE, E_INVALID_ARGUMENT, E_ARGUMENT_TYPE, E_COUNT
 };
 static const char *error_class_names[E_COUNT] = {
     "ShmqError", "Full", "Empty", "MessageTooLarge", "CorruptSegment", "IncompatibleSegment",
-    "Closed", "MessageTypeError", "InvalidArgument",
+    "Closed", "MessageTypeError", "InvalidArgument", "ArgumentTypeError",
 };
 static PyObject *error_classes[E_COUNT];
 
@@ -78,10 +78,11 @@ static PyObject *raise_code(RingObject *self, int code, uint64_t size)
     case SHMQ_FULL:
         PyErr_Format(error_class(E_FULL),
                      "queue %R is full: %llu of %llu bytes in use and a %llu-byte message needs "
-                     "%llu; wait longer (timeout=), read faster, or create it with a larger capacity",
+                     "%llu here (frame header and padding included); wait longer (timeout=), read "
+                     "faster, or create the queue with a larger capacity",
                      name, (unsigned long long)shmq_depth_bytes(r),
                      (unsigned long long)r->capacity, (unsigned long long)size,
-                     (unsigned long long)shmq_frame_size(size));
+                     (unsigned long long)shmq_bytes_needed(r, size));
         break;
     case SHMQ_EMPTY:
         PyErr_Format(error_class(E_EMPTY), "queue %R is empty", name);
@@ -185,7 +186,7 @@ static int parse_timeout(PyObject *timeout, int64_t *deadline)
     double seconds = PyFloat_AsDouble(timeout);
     if (seconds == -1.0 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(error_class(E_INVALID_ARGUMENT),
+        PyErr_Format(error_class(E_ARGUMENT_TYPE),
                      "timeout must be a number of seconds or None, got %.100s",
                      Py_TYPE(timeout)->tp_name);
         return -1;
@@ -323,6 +324,24 @@ static int check_length(RingObject *self, Py_ssize_t length)
     return 0;
 }
 
+/* nbytes arguments: an int >= 0; oversize is MessageTooLarge, not OverflowError. */
+static int parse_nbytes(RingObject *self, PyObject *obj, Py_ssize_t *nbytes)
+{
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(error_class(E_ARGUMENT_TYPE), "nbytes must be an int, got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *nbytes = PyNumber_AsSsize_t(obj, NULL); /* clamps instead of overflowing */
+    if (*nbytes == -1 && PyErr_Occurred())
+        return -1;
+    if (*nbytes < 0) {
+        PyErr_Format(error_class(E_INVALID_ARGUMENT), "nbytes must be >= 0, got %R", obj);
+        return -1;
+    }
+    return check_length(self, *nbytes);
+}
+
 /* A put_view left open in this thread would deadlock the ordered commit of
  * anything put after it (and breaks the single-producer promise on spsc). */
 static int check_no_open_write_slot(RingObject *self)
@@ -342,8 +361,9 @@ static int check_no_open_read_slot(RingObject *self)
 {
     if (self->read_slots && !self->ring.multi_consumer) {
         PyErr_Format(error_class(E_BASE),
-                     "a get_view() on single-consumer queue %R is still open; leave its "
-                     "with-block before reading more", ring_name(self));
+                     "a get_view() on single-consumer queue %R is still open, or a view or array "
+                     "made from it is still alive; leave the with-block (and drop such objects) "
+                     "before reading more", ring_name(self));
         return -1;
     }
     return 0;
@@ -488,9 +508,23 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
     CHECK_OPEN(self, NULL);
     if (check_no_open_write_slot(self) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(a[0], "put_many() needs an iterable of messages");
-    if (!seq)
+    if (PyBytes_Check(a[0]) || PyByteArray_Check(a[0]) || PyMemoryView_Check(a[0]) ||
+        PyUnicode_Check(a[0])) {
+        PyErr_Format(error_class(E_ARGUMENT_TYPE),
+                     "put_many() takes an iterable of messages, got a single %.100s; use put() for "
+                     "one message", Py_TYPE(a[0])->tp_name);
         return NULL;
+    }
+    PyObject *seq = PySequence_Fast(a[0], "put_many() needs an iterable of messages");
+    if (!seq) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(error_class(E_ARGUMENT_TYPE),
+                         "put_many() takes an iterable of messages, got %.100s",
+                         Py_TYPE(a[0])->tp_name);
+        }
+        return NULL;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
 
@@ -673,6 +707,11 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
         parse_timeout(a[1], &deadline) < 0)
         return NULL;
     if (a[0] && a[0] != Py_None) {
+        if (PyBool_Check(a[0]) || !PyLong_Check(a[0])) {
+            PyErr_Format(error_class(E_ARGUMENT_TYPE), "max_messages must be an int, got %.100s",
+                         Py_TYPE(a[0])->tp_name);
+            return NULL;
+        }
         max = PyLong_AsSsize_t(a[0]);
         if (max == -1 && PyErr_Occurred())
             return NULL;
@@ -685,37 +724,50 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
     CHECK_OPEN(self, NULL);
     if (check_no_open_read_slot(self) < 0)
         return NULL;
-    shmq_span span;
-    int got = read_span(self, (size_t)max, deadline, &span);
-    if (got < 0)
+    PyObject *list = PyList_New(0);
+    if (!list)
         return NULL;
-    if (got == 0)
-        return PyList_New(0);
-    PyObject *list = PyList_New((Py_ssize_t)span.count);
-    if (!list) {
-        if (self->ring.multi_consumer)
-            shmq_release(&self->ring, &span);
-        return NULL;
-    }
-    uint64_t pos = span.start;
-    for (Py_ssize_t i = 0; i < (Py_ssize_t)span.count; i++) {
-        uint32_t length;
-        const uint8_t *src = shmq_next(&self->ring, &pos, span.end, &length);
-        PyObject *item = src ? PyBytes_FromStringAndSize((const char *)src, length) : NULL;
-        if (!item) {
-            Py_DECREF(list);
+    /* Wait for the first piece; then take the following pieces while messages
+     * are there. Each piece is released as soon as it is copied, so producers
+     * refill the ring while we copy the next one. */
+    while (PyList_GET_SIZE(list) < max) {
+        shmq_span span;
+        Py_ssize_t want = max - PyList_GET_SIZE(list);
+        int got = read_span(self, (size_t)want, PyList_GET_SIZE(list) ? 0 : deadline, &span);
+        if (got < 0) {
+            if (PyList_GET_SIZE(list) == 0)
+                goto fail;
+            PyErr_Clear(); /* deliver what we have; the error comes back next call */
+            break;
+        }
+        if (got == 0)
+            break;
+        uint64_t pos = span.start;
+        for (uint64_t i = 0; i < span.count; i++) {
+            uint32_t length;
+            const uint8_t *src = shmq_next(&self->ring, &pos, span.end, &length);
             if (!src) {
                 shmq_release(&self->ring, &span);
-                return raise_code(self, SHMQ_CORRUPT, 0);
+                raise_code(self, SHMQ_CORRUPT, 0);
+                goto fail;
             }
-            if (self->ring.multi_consumer)
-                shmq_release(&self->ring, &span);
-            return NULL;
+            PyObject *item = PyBytes_FromStringAndSize((const char *)src, length);
+            if (!item || PyList_Append(list, item) < 0) {
+                Py_XDECREF(item);
+                /* A single consumer can leave the piece queued; a multi-consumer
+                 * claim cannot be undone. */
+                if (self->ring.multi_consumer)
+                    shmq_release(&self->ring, &span);
+                goto fail;
+            }
+            Py_DECREF(item);
         }
-        PyList_SET_ITEM(list, i, item);
+        shmq_release(&self->ring, &span);
     }
-    shmq_release(&self->ring, &span);
     return list;
+fail:
+    Py_DECREF(list);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ */
@@ -819,38 +871,40 @@ static PyObject *Slot_enter(SlotObject *self, PyObject *Py_UNUSED(ignored))
     return self->view;
 }
 
-/* Invalidates the memoryview we handed out. Fails if something still borrows
- * from it (e.g. numpy.frombuffer(view) is alive): then the memory must stay
- * leased until that is gone, and the user hears why. */
+/* Ends our memoryview. Returns -1 (BufferError set) if a buffer derived from it
+ * is still alive: numpy.frombuffer(view), a slice, memoryview(view). Those keep
+ * pointers into the ring, so the lease must outlive them: the slot stays
+ * claimed, and alive (the derived buffers reference it), and Slot_dealloc ends
+ * the lease when the last of them is gone. Never a dangling pointer. */
 static int slot_drop_view(SlotObject *self)
 {
-    if (!self->view)
-        return 0;
-    PyObject *r = PyObject_CallMethod(self->view, "release", NULL);
-    if (!r) {
-        if (PyErr_ExceptionMatches(PyExc_BufferError)) {
-            PyErr_Clear();
-            PyErr_SetString(PyExc_BufferError,
-                            "a buffer derived from the shmq view (e.g. numpy.frombuffer(view) or a "
-                            "slice) is still alive at the end of the with-block; copy what you "
-                            "need (bytes(view), array.copy()) inside the block. The slot stays "
-                            "leased until that object is deleted");
-        }
+    if (self->view) {
+        PyObject *r = PyObject_CallMethod(self->view, "release", NULL);
+        if (r)
+            Py_DECREF(r);
+        else if (PyErr_ExceptionMatches(PyExc_BufferError))
+            PyErr_Clear(); /* something holds an export of the view itself */
+        else
+            return -1;
+        Py_CLEAR(self->view); /* also breaks the slot <-> view reference cycle */
+    }
+    if (self->exports > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "a buffer made from the shmq view (numpy.frombuffer(view), a slice, "
+                        "memoryview(view), ...) is still alive at the end of the with-block. The "
+                        "message stays leased (its bytes are not reused) until that object is "
+                        "deleted; copy what you need inside the block instead (bytes(view), "
+                        "array.copy())");
         return -1;
     }
-    Py_DECREF(r);
-    Py_CLEAR(self->view);
     return 0;
 }
 
 static PyObject *Slot_exit(SlotObject *self, PyObject *args)
 {
     PyObject *exc_type = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
-    if (slot_drop_view(self) < 0) {
-        if (self->writable)
-            slot_finish(self, 0); /* contents may still change: deliver nothing */
-        return NULL;
-    }
+    if (slot_drop_view(self) < 0)
+        return NULL; /* lease deferred; a write slot will deliver nothing */
     slot_finish(self, exc_type == Py_None);
     Py_RETURN_FALSE;
 }
@@ -901,7 +955,7 @@ static PyMethodDef WriteSlot_methods[] = {
     {"__exit__", (PyCFunction)Slot_exit, METH_VARARGS,
      "Commit the message, or abandon it if the block raised."},
     {"commit", (PyCFunction)Slot_commit, METH_NOARGS, "Deliver the message."},
-    {"abandon", (PyCFunction)Slot_release, METH_NOARGS, "Deliver nothing and free the space."},
+    {"abandon", (PyCFunction)Slot_release, METH_NOARGS, "Deliver nothing; the space is reused once readers pass it."},
     {NULL},
 };
 
@@ -943,15 +997,9 @@ static PyObject *Ring_put_view(RingObject *self, PyObject *const *args, Py_ssize
     if (parse_args("put_view", args, nargs, kwnames, put_view_names, 2, 1, a) < 0 ||
         parse_timeout(a[1], &deadline) < 0)
         return NULL;
-    Py_ssize_t nbytes = PyNumber_AsSsize_t(a[0], PyExc_OverflowError);
-    if (nbytes == -1 && PyErr_Occurred())
-        return NULL;
-    if (nbytes < 0) {
-        PyErr_Format(error_class(E_INVALID_ARGUMENT), "nbytes must be >= 0, got %zd", nbytes);
-        return NULL;
-    }
+    Py_ssize_t nbytes;
     CHECK_OPEN(self, NULL);
-    if (check_no_open_write_slot(self) < 0 || check_length(self, nbytes) < 0)
+    if (parse_nbytes(self, a[0], &nbytes) < 0 || check_no_open_write_slot(self) < 0)
         return NULL;
     shmq_span span;
     if (claim_one(self, (uint64_t)nbytes, deadline, &span) < 0)
@@ -1035,15 +1083,10 @@ static PyObject *Ring_wait_writable(RingObject *self, PyObject *const *args, Py_
     PyObject *a[2];
     if (parse_args("wait_writable", args, nargs, kwnames, wait_writable_names, 2, 1, a) < 0)
         return NULL;
-    Py_ssize_t nbytes = PyNumber_AsSsize_t(a[0], PyExc_OverflowError);
-    if (nbytes == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t nbytes;
     CHECK_OPEN(self, NULL);
-    if (nbytes < 0 || check_length(self, nbytes) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_Format(error_class(E_INVALID_ARGUMENT), "nbytes must be >= 0, got %zd", nbytes);
+    if (parse_nbytes(self, a[0], &nbytes) < 0)
         return NULL;
-    }
     return wait_condition(self, SHMQ_WRITABLE, (uint64_t)nbytes, a[1]);
 }
 
@@ -1060,7 +1103,7 @@ static PyObject *Ring_qsize(RingObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *Ring_empty(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
     CHECK_OPEN(self, NULL);
-    return PyBool_FromLong(!shmq_condition_holds(&self->ring, SHMQ_READABLE, 0));
+    return PyBool_FromLong(shmq_depth_messages(&self->ring) == 0);
 }
 
 static PyObject *Ring_full(RingObject *self, PyObject *Py_UNUSED(ignored))

@@ -236,6 +236,12 @@ static inline uint64_t producer_cursor(shmq_ring *r)
     return atomic_load_explicit(r->multi_producer ? r->tail_claim : r->tail_commit, RELAXED);
 }
 
+uint64_t shmq_bytes_needed(shmq_ring *r, uint64_t length)
+{
+    uint64_t fp, t = producer_cursor(r);
+    return frame_extent(r, t, length, &fp) - t;
+}
+
 /* How many of the messages fit after t, given the head we know of. */
 static inline size_t fit(const shmq_ring *r, uint64_t t, uint64_t head, const uint64_t *lengths,
                          size_t n, uint64_t *end, uint64_t *bytes)
@@ -416,8 +422,6 @@ int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *
                                                           RELAXED))
                     break;
             }
-            atomic_fetch_add_explicit(r->get_count, span->count, RELAXED);
-            atomic_fetch_add_explicit(r->get_bytes, span->bytes, RELAXED);
         }
         if (span->count > 0)
             return SHMQ_OK;
@@ -483,6 +487,9 @@ void shmq_release(shmq_ring *r, const shmq_span *span)
          * shmq_claim(): our payload reads happen before a producer reuses them. */
         atomic_store_explicit(r->head_release, span->end, RELEASE);
     } else {
+        /* Counted at release, as for a single consumer: a leased message is still queued. */
+        atomic_fetch_add_explicit(r->get_count, span->count, RELAXED);
+        atomic_fetch_add_explicit(r->get_bytes, span->bytes, RELAXED);
         uint64_t pos = span->start;
         while (pos < span->end) {
             uint32_t len = atomic_load_explicit(frame_length(r, pos), RELAXED);

@@ -158,6 +158,8 @@ int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size);
 /* Producer side. lengths must each be <= max_message (checked by the caller
  * with shmq_check_length before anything is written). */
 int shmq_check_length(const shmq_ring *r, uint64_t length);
+/* Ring bytes a message of `length` needs at the current tail (header and wrap padding). */
+uint64_t shmq_bytes_needed(shmq_ring *r, uint64_t length);
 int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span);
 uint8_t *shmq_place(shmq_ring *r, uint64_t *pos, uint32_t length);
 int shmq_commit_ready(shmq_ring *r, const shmq_span *span);
