@@ -14,7 +14,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from shmq._errors import ShmqError
+from shmq._errors import Closed, ShmqError
 
 _SLICE_S = 0.25  # the waiter thread re-reads its list of waiters this often
 
@@ -22,15 +22,15 @@ _SLICE_S = 0.25  # the waiter thread re-reads its list of waiters this often
 class _Entry:
     __slots__ = ("future", "loop", "nbytes")
 
-    def __init__(self, nbytes: int, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    def __init__(self, nbytes: int, loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool]) -> None:
         self.nbytes = nbytes
         self.loop = loop
         self.future = future
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[bool], ready: bool = True) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(ready)
 
 
 class RingWaiter:
@@ -54,7 +54,7 @@ class RingWaiter:
         entry = _Entry(nbytes, loop, loop.create_future())
         with self._cond:
             if self._closed:
-                raise ShmqError(f"{self._label}: the queue was closed")
+                raise Closed(f"queue {self._label!r} is closed")
             self._entries.append(entry)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -62,14 +62,17 @@ class RingWaiter:
                 )
                 self._thread.start()
             self._cond.notify()
+        # A plain future and call_later, not asyncio.wait_for: in Python 3.11
+        # wait_for can return the result when a cancel() races with completion,
+        # which would make the caller take a message after cancel() said True.
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, entry.future, False)
         try:
-            await asyncio.wait_for(entry.future, timeout)
-        except TimeoutError:
-            return False
+            return await entry.future
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._cond, contextlib.suppress(ValueError):
                 self._entries.remove(entry)
-        return True
 
     def close(self) -> None:
         with self._cond:

@@ -245,9 +245,7 @@ class Queue(_ring.Ring):
             except Full:
                 nbytes = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
                 if self._write_waiter is None:
-                    self._write_waiter = RingWaiter(
-                        lambda n, t: self.wait_writable(n, t), f"{self._name}-put"
-                    )
+                    self._write_waiter = RingWaiter(lambda n, t: self.wait_writable(n, t), self._name)
                 if not await self._write_waiter.wait(nbytes, _remaining(deadline)):
                     raise Full(f"queue {self._name!r} stayed full for {timeout} s") from None
 
@@ -262,7 +260,7 @@ class Queue(_ring.Ring):
                 return self.get_nowait()
             except Empty:
                 if self._read_waiter is None:
-                    self._read_waiter = RingWaiter(lambda _n, t: self.wait_readable(t), f"{self._name}-get")
+                    self._read_waiter = RingWaiter(lambda _n, t: self.wait_readable(t), self._name)
                 if not await self._read_waiter.wait(0, _remaining(deadline)):
                     raise Empty(f"queue {self._name!r} stayed empty for {timeout} s") from None
 

@@ -255,31 +255,51 @@ static int wait_for(RingObject *self, int condition, uint64_t arg, int64_t deadl
     return WAIT_AGAIN;
 }
 
-/* Multi-producer commits go in claim order. Our predecessor is normally
- * mid-copy and done within nanoseconds; it may also be another thread of this
- * process holding a put_view, so drop the GIL while we wait. Not interruptible:
- * the claimed bytes must be committed, or the ring would stall for everyone;
- * a pending Ctrl-C is raised by the interpreter right after we return. */
-static void wait_commit_turn(RingObject *self, const shmq_span *span)
+/*
+ * Commits a written claim (or, with deliver=0, abandons it: nothing delivered).
+ * Multi-producer commits go in claim order; our predecessor is normally
+ * mid-copy and done within nanoseconds, but it may hold a put_view, be
+ * descheduled, or be dead. So we wait for our turn only until `deadline`
+ * (0: not at all) and while no signal is pending; then we hand the claim to
+ * whoever commits our predecessor (shmq_defer_commit) and return: we never wait
+ * on another producer longer than our caller allowed. After a signal the claim
+ * is handed over as padding (nothing delivered) and -1 returns with the
+ * exception set. Only if all deferral slots are busy do we keep waiting.
+ */
+static int finish_claim(RingObject *self, const shmq_span *span, int deliver, int64_t deadline)
 {
-    for (int i = 0; i < GIL_SPIN_ITERATIONS; i++) {
-        if (shmq_commit_ready(&self->ring, span))
-            return;
+    shmq_ring *r = &self->ring;
+    int interrupted = 0;
+    for (int i = 0; i < GIL_SPIN_ITERATIONS && !shmq_commit_ready(r, span); i++) {
     }
-    ring_pin(self);
-    while (!shmq_commit_ready(&self->ring, span)) {
-        Py_BEGIN_ALLOW_THREADS
-        shmq_wait(&self->ring, SHMQ_COMMIT_TURN, span->start, SHMQ_WAIT_ADAPTIVE,
-                  shmq_now_ns() + WAIT_SLICE_NS, self->spin_ns);
-        Py_END_ALLOW_THREADS
+    if (!shmq_commit_ready(r, span)) {
+        ring_pin(self);
+        for (;;) {
+            if (shmq_commit_ready(r, span))
+                break;
+            int64_t now = shmq_now_ns();
+            if (interrupted || deadline == 0 || (deadline > 0 && now >= deadline)) {
+                if (shmq_defer_commit(r, span, !deliver || interrupted) == SHMQ_OK) {
+                    ring_unpin(self);
+                    return interrupted ? -1 : 0;
+                }
+            }
+            int64_t until = now + WAIT_SLICE_NS;
+            if (deadline > now && deadline < until)
+                until = deadline;
+            Py_BEGIN_ALLOW_THREADS
+            shmq_wait(r, SHMQ_COMMIT_TURN, span->start, SHMQ_WAIT_ADAPTIVE, until, self->spin_ns);
+            Py_END_ALLOW_THREADS
+            if (!interrupted && PyErr_CheckSignals() < 0)
+                interrupted = 1;
+        }
+        ring_unpin(self);
     }
-    ring_unpin(self);
-}
-
-static void commit_span(RingObject *self, const shmq_span *span)
-{
-    wait_commit_turn(self, span);
-    shmq_commit(&self->ring, span);
+    if (deliver && !interrupted)
+        shmq_commit(r, span);
+    else
+        shmq_abandon(r, span);
+    return interrupted ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -464,9 +484,10 @@ static PyObject *put_impl(RingObject *self, PyObject *data, int64_t deadline)
         uint64_t pos = span.start;
         uint8_t *dst = shmq_place(&self->ring, &pos, (uint32_t)length);
         memcpy(dst, src, (size_t)length);
-        commit_span(self, &span);
-        result = Py_None;
-        Py_INCREF(result);
+        if (finish_claim(self, &span, 1, deadline) == 0) {
+            result = Py_None;
+            Py_INCREF(result);
+        }
     }
     if (have_view)
         PyBuffer_Release(&view);
@@ -609,7 +630,10 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
                 uint8_t *dst = shmq_place(&self->ring, &pos, (uint32_t)lengths[j + k]);
                 memcpy(dst, srcs[j + k], (size_t)lengths[j + k]);
             }
-            commit_span(self, &span);
+            if (finish_claim(self, &span, 1, deadline) < 0) {
+                failed = 1;
+                break;
+            }
             j += (Py_ssize_t)span.count;
         }
         done += j;
@@ -813,19 +837,17 @@ static SlotObject *slot_new(PyTypeObject *type, RingObject *ring, const shmq_spa
 }
 
 /* Ends the lease: a read slot releases its frame; a write slot commits it, or
- * turns it into padding (nothing delivered) when `deliver` is false. */
-static void slot_finish(SlotObject *slot, int deliver)
+ * turns it into padding (nothing delivered) when `deliver` is false. Returns -1
+ * with an exception set if a signal interrupted the commit (nothing delivered). */
+static int slot_finish(SlotObject *slot, int deliver, int64_t deadline)
 {
     RingObject *ring = slot->ring;
+    int rc = 0;
     if (!ring)
-        return;
+        return 0;
     slot->ring = NULL;
     if (slot->writable) {
-        wait_commit_turn(ring, &slot->span);
-        if (deliver)
-            shmq_commit(&ring->ring, &slot->span);
-        else
-            shmq_abandon(&ring->ring, &slot->span);
+        rc = finish_claim(ring, &slot->span, deliver, deadline);
         ring->write_slots--;
     } else {
         shmq_release(&ring->ring, &slot->span);
@@ -833,6 +855,7 @@ static void slot_finish(SlotObject *slot, int deliver)
     }
     ring_unpin(ring);
     Py_DECREF(ring);
+    return rc;
 }
 
 static int Slot_getbuffer(SlotObject *self, Py_buffer *view, int flags)
@@ -905,31 +928,35 @@ static PyObject *Slot_exit(SlotObject *self, PyObject *args)
     PyObject *exc_type = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
     if (slot_drop_view(self) < 0)
         return NULL; /* lease deferred; a write slot will deliver nothing */
-    slot_finish(self, exc_type == Py_None);
+    if (slot_finish(self, exc_type == Py_None, -1) < 0)
+        return NULL;
     Py_RETURN_FALSE;
 }
 
 static PyObject *Slot_release(SlotObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (slot_drop_view(self) < 0)
+    if (slot_drop_view(self) < 0 || slot_finish(self, 0, -1) < 0)
         return NULL;
-    slot_finish(self, 0);
     Py_RETURN_NONE;
 }
 
 static PyObject *Slot_commit(SlotObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (slot_drop_view(self) < 0)
+    if (slot_drop_view(self) < 0 || slot_finish(self, 1, -1) < 0)
         return NULL;
-    slot_finish(self, 1);
     Py_RETURN_NONE;
 }
 
 static void Slot_dealloc(SlotObject *self)
 {
     Py_CLEAR(self->view);
-    if (self->ring)
-        slot_finish(self, 0);
+    if (self->ring) {
+        /* Never wait in a destructor: hand the claim over at once if need be. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        slot_finish(self, 0, 0);
+        PyErr_Restore(type, value, tb);
+    }
     PyObject_Free(self);
 }
 
@@ -1008,7 +1035,7 @@ static PyObject *Ring_put_view(RingObject *self, PyObject *const *args, Py_ssize
     uint8_t *dst = shmq_place(&self->ring, &pos, (uint32_t)nbytes);
     SlotObject *slot = slot_new(&WriteSlotType, self, &span, dst, nbytes);
     if (!slot) {
-        commit_span(self, &span); /* cannot happen in practice; never wedge the ring */
+        finish_claim(self, &span, 0, 0); /* out of memory: never wedge the ring */
         return NULL;
     }
     return (PyObject *)slot;

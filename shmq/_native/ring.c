@@ -117,6 +117,7 @@ int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
     r->data_waiters = U32_AT(base, SHMQ_OFF_DATA_WAITERS);
     r->space_futex = U32_AT(base, SHMQ_OFF_SPACE_FUTEX);
     r->space_waiters = U32_AT(base, SHMQ_OFF_SPACE_WAITERS);
+    r->deferred_count = U64_AT(base, SHMQ_OFF_DEFERRED_COUNT);
 
     /* The cursors are untrusted input: check their invariants once here, and
      * every frame header again before it is used. */
@@ -314,32 +315,131 @@ int shmq_commit_ready(shmq_ring *r, const shmq_span *span)
     return atomic_load_explicit(r->tail_commit, ACQUIRE) == span->start;
 }
 
-void shmq_commit(shmq_ring *r, const shmq_span *span)
+static void pad_frames(shmq_ring *r, const shmq_span *span);
+
+/* The deferred-commit slot i. */
+static inline _Atomic uint32_t *slot_state(const shmq_ring *r, int i)
+{
+    return U32_AT(r->base, SHMQ_OFF_DEFERRED + i * SHMQ_DEFERRED_SLOT_SIZE);
+}
+
+static inline _Atomic uint64_t *slot_field(const shmq_ring *r, int i, int field)
+{
+    return U64_AT(r->base, SHMQ_OFF_DEFERRED + i * SHMQ_DEFERRED_SLOT_SIZE + 8 + 8 * field);
+}
+
+enum { SLOT_FREE = 0, SLOT_WRITING = 1, SLOT_READY = 2, SLOT_TAKEN = 3 };
+enum { FIELD_START = 0, FIELD_END = 1, FIELD_COUNT = 2, FIELD_BYTES = 3 };
+
+/* Makes [start, end) readable. Caller holds the commit turn (tail_commit == start). */
+static inline void publish(shmq_ring *r, uint64_t end, uint64_t count, uint64_t bytes)
 {
     /* Commits are ordered, so the committer is the only writer of the put
      * counters at this moment: plain read-modify-write, no atomic RMW. */
-    atomic_store_explicit(r->put_count, atomic_load_explicit(r->put_count, RELAXED) + span->count,
-                          RELAXED);
-    atomic_store_explicit(r->put_bytes, atomic_load_explicit(r->put_bytes, RELAXED) + span->bytes,
-                          RELAXED);
+    atomic_store_explicit(r->put_count, atomic_load_explicit(r->put_count, RELAXED) + count, RELAXED);
+    atomic_store_explicit(r->put_bytes, atomic_load_explicit(r->put_bytes, RELAXED) + bytes, RELAXED);
     /* SYNC: release pairs with the acquire loads of tail_commit in shmq_read()
      * (consumers see our headers and payloads), in shmq_commit_ready() (the
      * next producer), and in shmq_condition_holds(). */
-    atomic_store_explicit(r->tail_commit, span->end, RELEASE);
+    atomic_store_explicit(r->tail_commit, end, RELEASE);
+}
+
+/* Commits every deferred claim whose turn has come, in order. */
+static void run_deferred(shmq_ring *r)
+{
+    for (;;) {
+        uint64_t t = atomic_load_explicit(r->tail_commit, ACQUIRE);
+        int progressed = 0;
+        for (int i = 0; i < SHMQ_DEFERRED_SLOTS && !progressed; i++) {
+            /* SYNC: seq_cst load pairs with the seq_cst READY store in
+             * shmq_defer_commit() (acquire half: the slot fields are visible). */
+            if (atomic_load_explicit(slot_state(r, i), SEQ_CST) != SLOT_READY ||
+                atomic_load_explicit(slot_field(r, i, FIELD_START), RELAXED) != t)
+                continue;
+            uint32_t expected = SLOT_READY;
+            if (!atomic_compare_exchange_strong_explicit(slot_state(r, i), &expected, SLOT_TAKEN,
+                                                         SEQ_CST, RELAXED))
+                continue;
+            /* Taken: re-check, the slot may have been reused between our reads. */
+            if (atomic_load_explicit(slot_field(r, i, FIELD_START), RELAXED) != t ||
+                atomic_load_explicit(r->tail_commit, ACQUIRE) != t) {
+                atomic_store_explicit(slot_state(r, i), SLOT_READY, SEQ_CST);
+                continue;
+            }
+            publish(r, atomic_load_explicit(slot_field(r, i, FIELD_END), RELAXED),
+                    atomic_load_explicit(slot_field(r, i, FIELD_COUNT), RELAXED),
+                    atomic_load_explicit(slot_field(r, i, FIELD_BYTES), RELAXED));
+            atomic_store_explicit(slot_state(r, i), SLOT_FREE, RELEASE);
+            atomic_fetch_sub_explicit(r->deferred_count, 1, RELAXED);
+            progressed = 1;
+        }
+        if (!progressed)
+            return;
+        /* SYNC: Dekker with shmq_defer_commit() again, for the next claim. */
+        atomic_thread_fence(SEQ_CST);
+    }
+}
+
+void shmq_commit(shmq_ring *r, const shmq_span *span)
+{
+    publish(r, span->end, span->count, span->bytes);
+    if (r->multi_producer) {
+        /* SYNC: Dekker pair with shmq_defer_commit(), which publishes a slot
+         * and then loads tail_commit: either we see its count here, or it
+         * sees our tail_commit there and commits by itself. */
+        atomic_thread_fence(SEQ_CST);
+        if (atomic_load_explicit(r->deferred_count, RELAXED) != 0)
+            run_deferred(r);
+    }
     wake_waiters(r->data_futex, r->data_waiters, r->data_wakes);
+}
+
+int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon)
+{
+    int i;
+    for (i = 0; i < SHMQ_DEFERRED_SLOTS; i++) {
+        uint32_t expected = SLOT_FREE;
+        if (atomic_compare_exchange_strong_explicit(slot_state(r, i), &expected, SLOT_WRITING,
+                                                    ACQUIRE, RELAXED))
+            break;
+    }
+    if (i == SHMQ_DEFERRED_SLOTS)
+        return SHMQ_FULL;
+    uint64_t count = span->count, bytes = span->bytes;
+    if (abandon) {
+        pad_frames(r, span);
+        count = bytes = 0;
+    }
+    atomic_store_explicit(slot_field(r, i, FIELD_START), span->start, RELAXED);
+    atomic_store_explicit(slot_field(r, i, FIELD_END), span->end, RELAXED);
+    atomic_store_explicit(slot_field(r, i, FIELD_COUNT), count, RELAXED);
+    atomic_store_explicit(slot_field(r, i, FIELD_BYTES), bytes, RELAXED);
+    atomic_fetch_add_explicit(r->deferred_count, 1, SEQ_CST);
+    /* SYNC: pairs with the seq_cst state load in run_deferred(). */
+    atomic_store_explicit(slot_state(r, i), SLOT_READY, SEQ_CST);
+    /* SYNC: the other half of the Dekker pair in shmq_commit(). */
+    if (atomic_load_explicit(r->tail_commit, SEQ_CST) == span->start) {
+        run_deferred(r);
+        wake_waiters(r->data_futex, r->data_waiters, r->data_wakes);
+    }
+    return SHMQ_OK;
+}
+
+/* Turns every frame of a written claim into padding: nothing will be delivered.
+ * (A claim may contain the wrap's PAD frame, so walk it frame by frame.) */
+static void pad_frames(shmq_ring *r, const shmq_span *span)
+{
+    uint64_t pos = span->start;
+    while (pos < span->end) {
+        uint32_t len = atomic_load_explicit(frame_length(r, pos), RELAXED);
+        atomic_store_explicit(frame_state(r, pos), SHMQ_FRAME_PAD, RELAXED);
+        pos += shmq_frame_size(len);
+    }
 }
 
 void shmq_abandon(shmq_ring *r, const shmq_span *span)
 {
-    /* Nothing is delivered: the claimed bytes become one PAD frame per frame
-     * (a claim may contain the wrap, so walk it frame by frame), then commit. */
-    uint64_t pos = span->start;
-    while (pos < span->end) {
-        uint32_t len = atomic_load_explicit(frame_length(r, pos), RELAXED);
-        uint64_t size = shmq_frame_size(len);
-        atomic_store_explicit(frame_state(r, pos), SHMQ_FRAME_PAD, RELAXED);
-        pos += size;
-    }
+    pad_frames(r, span);
     shmq_span empty = {span->start, span->end, 0, 0};
     shmq_commit(r, &empty);
 }
@@ -384,7 +484,9 @@ int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *
         if (!r->multi_consumer) {
             uint64_t h = atomic_load_explicit(r->head_release, RELAXED); /* we own it */
             uint64_t t = atomic_load_explicit(&r->cached_tail, RELAXED);
-            if (h == t) {
+            /* Reload when caught up, or when the cache is behind head: another
+             * handle (an earlier consumer process) may have read past it. */
+            if ((int64_t)(t - h) <= 0) {
                 /* SYNC: acquire pairs with the release store of tail_commit in
                  * shmq_commit(): frames below t are fully written. */
                 t = atomic_load_explicit(r->tail_commit, ACQUIRE);

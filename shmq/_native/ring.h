@@ -24,7 +24,11 @@
  *   640   u64 head_release  everything below is free;       +8 get_count, +16 get_bytes
  *   768   u32 data_futex, u32 data_waiters, u64 get_waits, u64 data_wakes
  *   896   u32 space_futex, u32 space_waiters, u64 put_waits, u64 space_wakes
- *   1024..4095              reserved (zero) for the attachment table
+ *   1024  u64 deferred_count    deferrals published and not yet committed
+ *   1152  16 deferred-commit slots of 64 bytes:
+ *         u32 state (0 free, 1 writing, 2 ready, 3 taken), u32 zero,
+ *         u64 start, u64 end, u64 count, u64 bytes
+ *   2176..4095              reserved (zero) for the attachment table
  *   4096  data[capacity]
  *
  * Each hot word starts its own 128-byte block (two cache lines, so the
@@ -76,6 +80,10 @@
 #define SHMQ_OFF_SPACE_WAITERS 900
 #define SHMQ_OFF_PUT_WAITS 904
 #define SHMQ_OFF_SPACE_WAKES 912
+#define SHMQ_OFF_DEFERRED_COUNT 1024
+#define SHMQ_OFF_DEFERRED 1152
+#define SHMQ_DEFERRED_SLOTS 16
+#define SHMQ_DEFERRED_SLOT_SIZE 64
 
 enum shmq_kind { SHMQ_SPSC = 1, SHMQ_MPSC = 2, SHMQ_MPMC = 3 };
 
@@ -130,6 +138,7 @@ typedef struct shmq_ring {
     _Atomic uint64_t *put_count, *put_bytes, *get_count, *get_bytes;
     _Atomic uint64_t *get_waits, *put_waits, *data_wakes, *space_wakes;
     _Atomic uint32_t *data_futex, *data_waiters, *space_futex, *space_waiters;
+    _Atomic uint64_t *deferred_count;
     /* Process-local caches of the other side's cursor. Cursors only grow, so a
      * stale value is conservative (less space, fewer frames), never unsafe. */
     _Atomic uint64_t cached_head;
@@ -165,6 +174,12 @@ uint8_t *shmq_place(shmq_ring *r, uint64_t *pos, uint32_t length);
 int shmq_commit_ready(shmq_ring *r, const shmq_span *span);
 void shmq_commit(shmq_ring *r, const shmq_span *span);
 void shmq_abandon(shmq_ring *r, const shmq_span *span);
+/* Hands a written claim whose commit turn has not come to whoever commits its
+ * predecessor (or commits it now if the turn came meanwhile), so a producer
+ * never waits on another producer's progress. With `abandon`, the frames
+ * become padding first: nothing is delivered. SHMQ_FULL if all slots are in
+ * use (then the caller has to wait for its turn). Multi-producer rings only. */
+int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon);
 
 /* Consumer side. */
 /* Claims up to max_messages frames; stops early once max_bytes of payload are
