@@ -25,6 +25,9 @@
 /* Batches are claimed and released in pieces of about this many payload
  * bytes, so the other side can work on one piece while we do the next. */
 #define BATCH_BYTES (64 * 1024)
+#ifndef GET_MANY_BYTES
+#define GET_MANY_BYTES (256 * 1024) /* get_many stops after about this much payload */
+#endif
 
 /* ------------------------------------------------------------------ */
 /* Exceptions: classes come from shmq/_errors.py via set_error_classes() */
@@ -752,9 +755,13 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
     if (!list)
         return NULL;
     /* Wait for the first piece; then take the following pieces while messages
-     * are there. Each piece is released as soon as it is copied, so producers
-     * refill the ring while we copy the next one. */
-    while (PyList_GET_SIZE(list) < max) {
+     * are there, up to max messages and about GET_MANY_BYTES (a bounded list
+     * stays in the allocator's and the cache's working set; multi-megabyte ones
+     * are returned to the kernel on free and page-faulted back every call).
+     * Each piece is released as soon as it is copied, so producers refill the
+     * ring while we copy the next one. */
+    uint64_t taken = 0;
+    while (PyList_GET_SIZE(list) < max && taken < GET_MANY_BYTES) {
         shmq_span span;
         Py_ssize_t want = max - PyList_GET_SIZE(list);
         int got = read_span(self, (size_t)want, PyList_GET_SIZE(list) ? 0 : deadline, &span);
@@ -786,6 +793,7 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
             }
             Py_DECREF(item);
         }
+        taken += span.bytes;
         shmq_release(&self->ring, &span);
     }
     return list;
@@ -1251,7 +1259,8 @@ static PyMethodDef Ring_methods[] = {
      "get(timeout=None) -> bytes: take one message, waiting for one."},
     {"get_nowait", (PyCFunction)Ring_get_nowait, METH_NOARGS, "get_nowait() -> bytes or raise Empty."},
     {"get_many", (PyCFunction)(void (*)(void))Ring_get_many, METH_FASTCALL | METH_KEYWORDS,
-     "get_many(max_messages=1024, timeout=None) -> list[bytes]: wait for one, take what is there."},
+     "get_many(max_messages=1024, timeout=None) -> list[bytes]: wait for one, then take what is there "
+     "(up to max_messages and about 256 KiB; [] on timeout)."},
     {"put_view", (PyCFunction)(void (*)(void))Ring_put_view, METH_FASTCALL | METH_KEYWORDS,
      "put_view(nbytes, timeout=None) -> WriteSlot: claim space to fill in place."},
     {"get_view", (PyCFunction)(void (*)(void))Ring_get_view, METH_FASTCALL | METH_KEYWORDS,

@@ -206,20 +206,32 @@ static inline long futex(_Atomic uint32_t *word, int op, uint32_t val, const str
     return syscall(SYS_futex, (uint32_t *)word, op, val, ts, NULL, 0);
 }
 
-static inline void wake_waiters(_Atomic uint32_t *word, _Atomic uint32_t *waiters,
-                                _Atomic uint64_t *wakes)
+/*
+ * Futex words: bit 0 says "someone may be asleep on this word"; the other bits
+ * are a sequence that changes with every wake. A waiter sets the bit before its
+ * last condition check; the waker that clears it (CAS) makes the one FUTEX_WAKE
+ * for that sleep. Every other waker sees the bit clear and makes no syscall, so
+ * a sleeping (or dead) peer costs one syscall, not one per message.
+ */
+#define SLEEPERS_BIT 1u
+
+static inline void wake_waiters(_Atomic uint32_t *word, _Atomic uint64_t *wakes)
 {
-    /* SYNC: Dekker pair with shmq_wait(), which increments `waiters`, fences,
-     * then re-checks the cursors. Our cursor store came before this fence, so
-     * either we see its waiter count here or it sees our cursor there. */
+    /* SYNC: Dekker pair with shmq_wait(), which sets SLEEPERS_BIT, fences, then
+     * re-checks the cursors. Our cursor store came before this fence, so either
+     * we see the bit here or the waiter sees our cursor there. */
     atomic_thread_fence(SEQ_CST);
-    if (atomic_load_explicit(waiters, RELAXED) == 0)
-        return; /* nobody sleeps: no syscall on the fast path */
-    /* SYNC: release pairs with the acquire load of `word` in shmq_wait(): a
-     * waiter that reads the new value also reads our cursor store. */
-    atomic_fetch_add_explicit(word, 1, RELEASE);
-    futex(word, FUTEX_WAKE, INT_MAX, NULL);
-    atomic_fetch_add_explicit(wakes, 1, RELAXED);
+    uint32_t w = atomic_load_explicit(word, RELAXED);
+    while (w & SLEEPERS_BIT) {
+        /* w + 1 clears the bit and carries into the sequence. SYNC: release
+         * pairs with the waiter's acquire load of the word (a waiter that sees
+         * the new value also sees our cursor store). */
+        if (atomic_compare_exchange_weak_explicit(word, &w, w + 1, RELEASE, RELAXED)) {
+            futex(word, FUTEX_WAKE, INT_MAX, NULL);
+            atomic_fetch_add_explicit(wakes, 1, RELAXED);
+            return;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -391,7 +403,7 @@ void shmq_commit(shmq_ring *r, const shmq_span *span)
         if (atomic_load_explicit(r->deferred_count, RELAXED) != 0)
             run_deferred(r);
     }
-    wake_waiters(r->data_futex, r->data_waiters, r->data_wakes);
+    wake_waiters(r->data_futex, r->data_wakes);
 }
 
 int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon)
@@ -420,7 +432,7 @@ int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon)
     /* SYNC: the other half of the Dekker pair in shmq_commit(). */
     if (atomic_load_explicit(r->tail_commit, SEQ_CST) == span->start) {
         run_deferred(r);
-        wake_waiters(r->data_futex, r->data_waiters, r->data_wakes);
+        wake_waiters(r->data_futex, r->data_wakes);
     }
     return SHMQ_OK;
 }
@@ -602,7 +614,7 @@ void shmq_release(shmq_ring *r, const shmq_span *span)
         }
         advance_release(r);
     }
-    wake_waiters(r->space_futex, r->space_waiters, r->space_wakes);
+    wake_waiters(r->space_futex, r->space_wakes);
 }
 
 /* ------------------------------------------------------------------ */
@@ -660,14 +672,14 @@ int shmq_wait(shmq_ring *r, int condition, uint64_t arg, int strategy, int64_t d
     _Atomic uint32_t *waiters = readable ? r->data_waiters : r->space_waiters;
     if (condition != SHMQ_COMMIT_TURN) /* commit-order waits are not reader waits */
         atomic_fetch_add_explicit(readable ? r->get_waits : r->put_waits, 1, RELAXED);
-    atomic_fetch_add_explicit(waiters, 1, SEQ_CST);
-    /* SYNC: Dekker pair with the fence in wake_waiters(): either the writer
-     * sees our waiter count, or our condition check below sees its cursor. */
-    atomic_thread_fence(SEQ_CST);
+    atomic_fetch_add_explicit(waiters, 1, RELAXED); /* observability only */
     int rc;
     for (;;) {
-        /* SYNC: acquire pairs with the release fetch_add in wake_waiters(). */
-        uint32_t seen = atomic_load_explicit(word, ACQUIRE);
+        /* SYNC: the RMW and the fence are the waiter half of the Dekker pair in
+         * wake_waiters(): either the waker sees our bit, or the condition check
+         * below sees its cursor. Acquire: pairs with the waker's release CAS. */
+        uint32_t seen = atomic_fetch_or_explicit(word, SLEEPERS_BIT, SEQ_CST) | SLEEPERS_BIT;
+        atomic_thread_fence(SEQ_CST);
         if (shmq_condition_holds(r, condition, arg)) {
             rc = SHMQ_OK;
             break;
@@ -683,7 +695,7 @@ int shmq_wait(shmq_ring *r, int condition, uint64_t arg, int strategy, int64_t d
             ts.tv_nsec = left % 1000000000LL;
             tsp = &ts;
         }
-        /* Returns at once if the word moved since we read it (a wake we would
+        /* Returns at once if the word moved since `seen` (a wake we would
          * otherwise miss), on FUTEX_WAKE, at the timeout, or on a signal. */
         if (futex(word, FUTEX_WAIT, seen, tsp) == -1 && errno == EINTR) {
             rc = SHMQ_INTERRUPTED;
@@ -696,8 +708,9 @@ int shmq_wait(shmq_ring *r, int condition, uint64_t arg, int strategy, int64_t d
 
 void shmq_wake_all(shmq_ring *r)
 {
-    atomic_fetch_add_explicit(r->data_futex, 1, RELEASE);
-    atomic_fetch_add_explicit(r->space_futex, 1, RELEASE);
+    /* +2: change the sequence, keep the sleepers bit as it is. */
+    atomic_fetch_add_explicit(r->data_futex, 2, RELEASE);
+    atomic_fetch_add_explicit(r->space_futex, 2, RELEASE);
     futex(r->data_futex, FUTEX_WAKE, INT_MAX, NULL);
     futex(r->space_futex, FUTEX_WAKE, INT_MAX, NULL);
 }
