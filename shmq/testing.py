@@ -7,8 +7,13 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from shmq._errors import Empty
 from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment
+
+if TYPE_CHECKING:
+    from shmq.queue import Queue
 
 _counter = itertools.count()
 
@@ -55,3 +60,13 @@ def cleanup(*names: str) -> Iterator[None]:
     finally:
         for name in names:
             remove_segment(name)
+
+
+def drain(q: Queue) -> list[bytes]:
+    """Every message queued right now, without waiting."""
+    out: list[bytes] = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except Empty:
+            return out

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import shmq
+from shmq.testing import drain
 from tests import _workers as w
 from tests.conftest import CTX
 
@@ -57,15 +58,6 @@ def fill(q: shmq.Queue, size: int) -> list[bytes]:
         except shmq.Full:
             return out
         out.append(m)
-
-
-def drain(q: shmq.Queue) -> list[bytes]:
-    out: list[bytes] = []
-    while True:
-        try:
-            out.append(q.get_nowait())
-        except shmq.Empty:
-            return out
 
 
 def waiter_threads(name: str) -> list[str]:

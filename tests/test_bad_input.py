@@ -21,22 +21,13 @@ import pytest
 import shmq
 from shmq._native import _ring
 from shmq._segment import segment_path
-from shmq.testing import remove_segment, segment_exists, unique_name
+from shmq.testing import drain, remove_segment, segment_exists, unique_name
 
 pytestmark = pytest.mark.timeout(60)
 
 KINDS = ["spsc", "mpsc", "mpmc"]
 SENTINELS = [b"first", b"", b"third" * 9]
 OFF_HEADER_SIZE = 48  # ring.h SHMQ_OFF_HEADER_SIZE (not exported by _ring)
-
-
-def drain(q: shmq.Queue) -> list[bytes]:
-    out: list[bytes] = []
-    while True:
-        try:
-            out.append(q.get_nowait())
-        except shmq.Empty:
-            return out
 
 
 def loaded(q: shmq.Queue) -> shmq.Queue:
