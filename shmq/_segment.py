@@ -43,6 +43,16 @@ def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, SEGMENT_PREFIX + name)
 
 
+# Fault the whole segment into this process's page tables when mapping it. Otherwise
+# the ring's first lap takes a page fault every 4 KiB (every 57 frames of 64 B),
+# ~10 us each in a VM: a stall in exactly the latency percentiles users measure.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    return mmap.mmap(fd, size, _MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
 class Segment:
     """A mapped segment: `close()` unmaps it, `unlink(name)` removes the name."""
 
@@ -69,7 +79,7 @@ class Segment:
             raise PermissionDenied(f"cannot create {path}: {exc.strerror}") from None
         try:
             os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mapping = _map(fd, size)
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -99,7 +109,7 @@ class Segment:
                     f"segment {path} is {size} bytes, smaller than a shmq header ({min_size}); "
                     f"it is not a shmq ring or its creator died while creating it: unlink it"
                 )
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mapping = _map(fd, size)
         finally:
             os.close(fd)
         # The creator stores the magic number last; give a creator that is still
