@@ -676,3 +676,31 @@ def test_exception_hierarchy(export: str, builtin: type[BaseException] | None) -
 def test_no_exception_shadows_a_builtin_name() -> None:
     """Exported exception names do not collide with builtins (so `from shmq import *` is safe)."""
     assert not {n for n in shmq.__all__ if hasattr(builtins, n)}
+
+
+def test_multiprocessing_block_flag_in_the_timeout_position(make_queue: MakeQueue) -> None:
+    """multiprocessing habits work: q.get(False) / q.put(x, False) do not wait (Empty/Full at
+    once), q.get(True) / q.put(x, True) wait as long as needed; a bool never means 1 second."""
+    q = make_queue(capacity=64)
+    with pytest.raises(shmq.Empty):
+        q.get(False)
+    q.put(b"a", True)
+    assert q.get(True) == b"a"
+    while True:
+        try:
+            q.put(b"", False)
+        except shmq.Full:
+            break
+    assert q.qsize() == 64 // 8
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(q.get(True)))
+    for _ in range(8):
+        q.get(timeout=1)
+    # With the ring empty, get(True) must still be waiting after 1.3 s (a "1 second" reading of
+    # True would have raised Empty), and then receive the message put after that.
+    reader.start()
+    time.sleep(1.3)
+    assert reader.is_alive() and got == []
+    q.put(b"late", timeout=1)
+    reader.join(10)
+    assert got == [b"late"]

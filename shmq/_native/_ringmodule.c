@@ -179,11 +179,18 @@ static void ring_unpin(RingObject *self)
 /* Timeouts and waiting                                                */
 /* ------------------------------------------------------------------ */
 
-/* None -> wait forever (-1); 0 -> do not wait (0); else an absolute deadline. */
+/* None -> wait forever (-1); 0 -> do not wait (0); else an absolute deadline.
+ * A bool is multiprocessing's `block` flag in the same position (q.get(False),
+ * q.put(x, False)): True waits forever, False does not wait; it never means
+ * "1 second". */
 static int parse_timeout(PyObject *timeout, int64_t *deadline)
 {
-    if (timeout == NULL || timeout == Py_None) {
+    if (timeout == NULL || timeout == Py_None || timeout == Py_True) {
         *deadline = -1;
+        return 0;
+    }
+    if (timeout == Py_False) {
+        *deadline = 0;
         return 0;
     }
     double seconds = PyFloat_AsDouble(timeout);
