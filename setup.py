@@ -24,6 +24,7 @@ class AtomicBuildExt(build_ext):  # type: ignore[misc]
         os.replace(tmp, outfile)
         return outfile, True
 
+
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fno-strict-aliasing"]
 link_args: list[str] = []
 sanitize = os.environ.get("SHMQ_SANITIZE", "").strip()
@@ -45,5 +46,5 @@ setup(
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )
-    ]
+    ],
 )
