@@ -17,6 +17,7 @@ from collections.abc import Callable
 from shmq._errors import Closed, ShmqError
 
 _SLICE_S = 0.25  # the waiter thread re-reads its list of waiters this often
+_IDLE_EXIT_S = 10.0  # a waiter thread with nothing to wait for ends after this long
 
 
 class _Entry:
@@ -87,7 +88,11 @@ class RingWaiter:
         while True:
             with self._cond:
                 while not self._entries and not self._closed:
-                    self._cond.wait()
+                    # An idle thread ends (the next wait() starts another), so it does not
+                    # keep a queue that nobody closed alive forever.
+                    if not self._cond.wait(timeout=_IDLE_EXIT_S) and not self._entries:
+                        self._thread = None
+                        return
                 if self._closed:
                     return
                 need = min(e.nbytes for e in self._entries)

@@ -107,7 +107,7 @@ class Queue(_ring.Ring):
             segment = Segment.create(name, _ring.HEADER_SIZE + cap)
             try:
                 _ring.format_segment(
-                    segment.mapping, KINDS[kind or DEFAULT_KIND], cap, _pid(), time.time_ns()
+                    segment.mapping, KINDS[kind or DEFAULT_KIND], cap, os.getpid(), time.time_ns()
                 )
                 super().__init__(segment.mapping, name, WAITS[wait])
             except BaseException:
@@ -306,10 +306,6 @@ def _check_capacity(capacity: object) -> None:
         raise InvalidArgument(
             f"capacity must be a power of two from {lo} to {hi} bytes, got {capacity}; try {suggestion}"
         )
-
-
-def _pid() -> int:
-    return os.getpid()
 
 
 def _attach(name: str, wait: Wait) -> Queue:

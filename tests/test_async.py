@@ -346,3 +346,30 @@ def test_cancel_after_wakeup_leaves_the_message_queued(make_queue: MakeQueue) ->
     assert asked
     assert (outcome, empty) == ("cancelled", False), f"task returned {outcome} after cancel()"
     assert q.get_nowait() == b"precious"
+
+
+def test_idle_waiter_thread_ends_and_frees_an_unclosed_queue(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue used with get_async and dropped without close() is freed once its waiter thread
+    has been idle for a while (the thread must not keep it alive forever)."""
+    import gc
+    import weakref
+
+    import shmq._async
+
+    monkeypatch.setattr(shmq._async, "_IDLE_EXIT_S", 0.2)
+    q = shmq.Queue(name, create=True, capacity=4096)
+
+    async def wait_once(queue: shmq.Queue) -> None:
+        with pytest.raises(shmq.Empty):
+            await queue.get_async(timeout=0.05)
+
+    asyncio.run(wait_once(q))
+    ref = weakref.ref(q)
+    del q
+    deadline = time.monotonic() + 10
+    while ref() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gc.collect()
+    assert ref() is None
