@@ -17,6 +17,8 @@ __all__ = [
     "Full",
     "IncompatibleSegment",
     "InvalidArgument",
+    "InvalidFilter",
+    "InvalidTopic",
     "MessageDecodeError",
     "MessageTooLarge",
     "MessageTypeError",
@@ -56,6 +58,25 @@ class ArgumentTypeError(ShmqError, TypeError):
 
 class MessageDecodeError(ShmqError, ValueError):
     """get_obj() took a message that put_obj() did not write; the message is consumed."""
+
+
+class InvalidTopic(ShmqError, ValueError):
+    """A topic or subscription pattern is malformed; the message names the bad token."""
+
+    def __init__(self, message: str, *, topic: str = "", token: str = "", index: int = -1) -> None:
+        super().__init__(message)
+        self.topic = topic  #: the whole topic or pattern
+        self.token = token  #: the offending token ("" if the problem is the whole string)
+        self.index = index  #: its position among the dot-separated tokens, -1 if none
+
+
+class InvalidFilter(ShmqError, ValueError):
+    """A where= filter expression does not parse; the message points at the position."""
+
+    def __init__(self, message: str, *, expression: str = "", position: int = -1) -> None:
+        super().__init__(message)
+        self.expression = expression  #: the whole expression
+        self.position = position  #: 0-based character offset of the problem, -1 if none
 
 
 class NotFound(ShmqError, FileNotFoundError):
