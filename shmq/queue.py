@@ -68,6 +68,7 @@ class QueueStats:
     get_waits: int  #: times a consumer went to sleep because the ring was empty
     data_wakes: int  #: futex wakes issued to sleeping consumers
     space_wakes: int  #: futex wakes issued to sleeping producers
+    deferred_commits: int  #: claims handed to an earlier producer to commit (see ARCHITECTURE)
 
 
 class Queue(_ring.Ring):
@@ -202,6 +203,7 @@ class Queue(_ring.Ring):
             get_waits=c["get_waits"],
             data_wakes=c["data_wakes"],
             space_wakes=c["space_wakes"],
+            deferred_commits=c["deferred_commits"],
         )
 
     # -- objects (pickle protocol 5, out-of-band buffers written in place) --

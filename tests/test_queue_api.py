@@ -482,6 +482,7 @@ def test_stats_after_known_traffic(make_queue: MakeQueue, kind: str) -> None:
         "get_waits": 0,
         "data_wakes": 0,
         "space_wakes": 0,
+        "deferred_commits": 0,
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.messages_put = 0  # type: ignore[misc]

@@ -1160,14 +1160,15 @@ static PyObject *Ring_counters(RingObject *self, PyObject *Py_UNUSED(ignored))
     shmq_ring *r = &self->ring;
 #define LOAD(p) (unsigned long long)atomic_load_explicit((p), memory_order_relaxed)
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "messages_put",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "messages_put",
         LOAD(r->put_count), "bytes_put", LOAD(r->put_bytes), "messages_got", LOAD(r->get_count),
         "bytes_got", LOAD(r->get_bytes), "put_waits", LOAD(r->put_waits), "get_waits",
         LOAD(r->get_waits), "data_wakes", LOAD(r->data_wakes), "space_wakes",
         LOAD(r->space_wakes), "tail_claim", LOAD(r->tail_claim), "tail_commit",
         LOAD(r->tail_commit), "head_claim", LOAD(r->head_claim), "head_release",
         LOAD(r->head_release), "depth_messages", (unsigned long long)shmq_depth_messages(r),
-        "depth_bytes", (unsigned long long)shmq_depth_bytes(r));
+        "depth_bytes", (unsigned long long)shmq_depth_bytes(r), "deferred_commits",
+        LOAD(r->deferred_total));
 #undef LOAD
 }
 

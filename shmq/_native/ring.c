@@ -118,6 +118,7 @@ int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
     r->space_futex = U32_AT(base, SHMQ_OFF_SPACE_FUTEX);
     r->space_waiters = U32_AT(base, SHMQ_OFF_SPACE_WAITERS);
     r->deferred_count = U64_AT(base, SHMQ_OFF_DEFERRED_COUNT);
+    r->deferred_total = U64_AT(base, SHMQ_OFF_DEFERRED_TOTAL);
 
     /* The cursors are untrusted input: check their invariants once here, and
      * every frame header again before it is used. */
@@ -426,6 +427,7 @@ int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon)
     atomic_store_explicit(slot_field(r, i, FIELD_END), span->end, RELAXED);
     atomic_store_explicit(slot_field(r, i, FIELD_COUNT), count, RELAXED);
     atomic_store_explicit(slot_field(r, i, FIELD_BYTES), bytes, RELAXED);
+    atomic_fetch_add_explicit(r->deferred_total, 1, RELAXED);
     atomic_fetch_add_explicit(r->deferred_count, 1, SEQ_CST);
     /* SYNC: pairs with the seq_cst state load in run_deferred(). */
     atomic_store_explicit(slot_state(r, i), SLOT_READY, SEQ_CST);

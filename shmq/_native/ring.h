@@ -25,6 +25,7 @@
  *   768   u32 data_futex, u32 data_waiters, u64 get_waits, u64 data_wakes
  *   896   u32 space_futex, u32 space_waiters, u64 put_waits, u64 space_wakes
  *   1024  u64 deferred_count    deferrals published and not yet committed
+ *   1032  u64 deferred_total    claims ever handed over (statistics)
  *   1152  16 deferred-commit slots of 64 bytes:
  *         u32 state (0 free, 1 writing, 2 ready, 3 taken), u32 zero,
  *         u64 start, u64 end, u64 count, u64 bytes
@@ -81,6 +82,7 @@
 #define SHMQ_OFF_PUT_WAITS 904
 #define SHMQ_OFF_SPACE_WAKES 912
 #define SHMQ_OFF_DEFERRED_COUNT 1024
+#define SHMQ_OFF_DEFERRED_TOTAL 1032
 #define SHMQ_OFF_DEFERRED 1152
 #define SHMQ_DEFERRED_SLOTS 16
 #define SHMQ_DEFERRED_SLOT_SIZE 64
@@ -138,7 +140,7 @@ typedef struct shmq_ring {
     _Atomic uint64_t *put_count, *put_bytes, *get_count, *get_bytes;
     _Atomic uint64_t *get_waits, *put_waits, *data_wakes, *space_wakes;
     _Atomic uint32_t *data_futex, *data_waiters, *space_futex, *space_waiters;
-    _Atomic uint64_t *deferred_count;
+    _Atomic uint64_t *deferred_count, *deferred_total;
     /* Process-local caches of the other side's cursor. Cursors only grow, so a
      * stale value is conservative (less space, fewer frames), never unsafe. */
     _Atomic uint64_t cached_head;
