@@ -206,9 +206,14 @@ def _open_shmq(role: str, spec: dict[str, Any], handles: list[str]) -> Endpoint:
     return ep
 
 
+def _ends(role: str, handles: list[Any]) -> tuple[Any, Any]:
+    """(out, in) for this role: A sends on handles[0], B receives on it; handles[1] is the way back."""
+    back = handles[1] if len(handles) > 1 else None
+    return (handles[0], back) if role == "A" else (back, handles[0])
+
+
 def _open_mp_queue(role: str, spec: dict[str, Any], handles: list[Any]) -> Endpoint:
-    out = handles[0] if role == "A" else (handles[1] if len(handles) > 1 else None)
-    inp = handles[0] if role == "B" else (handles[1] if len(handles) > 1 else None)
+    out, inp = _ends(role, handles)
     ep = Endpoint()
     if out is not None:
         ep.put = out.put
@@ -254,8 +259,7 @@ def _open_pipe(role: str, spec: dict[str, Any], conn: Any) -> Endpoint:
 
 
 def _open_faster_fifo(role: str, spec: dict[str, Any], handles: list[Any]) -> Endpoint:
-    out = handles[0] if role == "A" else (handles[1] if len(handles) > 1 else None)
-    inp = handles[0] if role == "B" else (handles[1] if len(handles) > 1 else None)
+    out, inp = _ends(role, handles)
     ep = Endpoint()
     if out is not None:
         ep.put, ep.put_many = out.put, out.put_many

@@ -103,23 +103,29 @@ _TOPIC_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 _PATTERN_RE = re.compile(rf"(?:{_TOKEN}|\*)(?:\.(?:{_TOKEN}|\*))*(?:\.>)?|>")
 
 
+def _validate(text: str, fast: re.Pattern[str], pattern: bool) -> str:
+    # Fast path: one precompiled regex for ASCII text within the limits; anything else (and every
+    # rejection) goes through the character-by-character check that writes the error message.
+    if (
+        type(text) is str
+        and text.isascii()
+        and len(text) <= MAX_TOPIC_BYTES
+        and text.count(".") < MAX_TOKENS
+        and fast.fullmatch(text)
+    ):
+        return text
+    error = _diagnose(text, pattern=pattern)
+    if error is not None:
+        raise error
+    return text
+
+
 def validate_topic(topic: str) -> str:
     """Return `topic` if it is a valid concrete topic (no wildcards), else raise `InvalidTopic`.
 
     Not a str at all: `ArgumentTypeError`.
     """
-    if (
-        type(topic) is str
-        and topic.isascii()
-        and len(topic) <= MAX_TOPIC_BYTES
-        and topic.count(".") < MAX_TOKENS
-        and _TOPIC_RE.fullmatch(topic)
-    ):
-        return topic
-    error = _diagnose(topic, pattern=False)
-    if error is not None:
-        raise error
-    return topic
+    return _validate(topic, _TOPIC_RE, pattern=False)
 
 
 def validate_pattern(pattern: str) -> str:
@@ -127,18 +133,7 @@ def validate_pattern(pattern: str) -> str:
 
     A concrete topic is a valid pattern (it matches only itself). Not a str: `ArgumentTypeError`.
     """
-    if (
-        type(pattern) is str
-        and pattern.isascii()
-        and len(pattern) <= MAX_TOPIC_BYTES
-        and pattern.count(".") < MAX_TOKENS
-        and _PATTERN_RE.fullmatch(pattern)
-    ):
-        return pattern
-    error = _diagnose(pattern, pattern=True)
-    if error is not None:
-        raise error
-    return pattern
+    return _validate(pattern, _PATTERN_RE, pattern=True)
 
 
 def is_wildcard(pattern: str) -> bool:
