@@ -10,12 +10,20 @@ How the layers stack (bottom up):
   shmq/_segment.py         naming and lifecycle of /dev/shm segments.
   shmq/queue.py            `Queue`, the public face (subclasses `Ring`), pickling,
                            objects, statistics; shmq/_async.py for asyncio.
+  shmq/_native/bus.c       pub/sub in C: message format, filters, the router's
+                           forwarding loop; _pubsub.c binds it (Message, Forwarder).
+  shmq/topics.py, filters.py, _wire.py
+                           topic patterns, where= filters, their byte formats.
+  shmq/router.py           the router process (`Router`, `serve`): control plane.
+  shmq/pubsub.py           `Publisher`, `Subscriber`: the clients of a bus.
+  shmq/_bus.py             the bus segment, statistics, the control protocol.
   shmq/cli.py              the `shmq` command.
 
 docs/ARCHITECTURE.md has the byte layouts and the memory-ordering argument.
 """
 
 from shmq import testing
+from shmq._bus import BusStats, PublisherStats, SubscriberStats, TopicStats, bus_stats
 from shmq._errors import (
     AlreadyExists,
     ArgumentTypeError,
@@ -32,11 +40,14 @@ from shmq._errors import (
     MessageTypeError,
     NotFound,
     PermissionDenied,
+    RouterUnavailable,
     ShmqError,
 )
 from shmq._errors import native_error_classes as _native_error_classes
 from shmq._native import _ring
+from shmq.pubsub import Message, Publisher, Subscriber
 from shmq.queue import Queue, QueueStats
+from shmq.router import Router
 
 _ring.set_error_classes(_native_error_classes())
 
@@ -45,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyExists",
     "ArgumentTypeError",
+    "BusStats",
     "Closed",
     "CorruptSegment",
     "Empty",
@@ -53,14 +65,23 @@ __all__ = [
     "InvalidArgument",
     "InvalidFilter",
     "InvalidTopic",
+    "Message",
     "MessageDecodeError",
     "MessageTooLarge",
     "MessageTypeError",
     "NotFound",
     "PermissionDenied",
+    "Publisher",
+    "PublisherStats",
     "Queue",
     "QueueStats",
+    "Router",
+    "RouterUnavailable",
     "ShmqError",
+    "Subscriber",
+    "SubscriberStats",
+    "TopicStats",
     "__version__",
+    "bus_stats",
     "testing",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "MessageTypeError",
     "NotFound",
     "PermissionDenied",
+    "RouterUnavailable",
     "ShmqError",
 ]
 
@@ -89,6 +90,11 @@ class AlreadyExists(ShmqError, FileExistsError):
 
 class PermissionDenied(ShmqError, PermissionError):
     """The segment exists but this process may not open it."""
+
+
+class RouterUnavailable(ShmqError, ConnectionError):
+    """No router is serving the bus (not started, stopped, or restarting) within the timeout
+    (also `ConnectionError`). Start one with ``shmq router BUS`` or ``shmq.Router(BUS)``."""
 
 
 class CorruptSegment(ShmqError):

@@ -1307,6 +1307,9 @@ static PyTypeObject RingType = {
     .tp_weaklistoffset = offsetof(RingObject, weakreflist),
 };
 
+/* The pub/sub binding shares this translation unit (and its helpers). */
+#include "_pubsub.c"
+
 /* ------------------------------------------------------------------ */
 /* Module functions                                                    */
 /* ------------------------------------------------------------------ */
@@ -1365,6 +1368,7 @@ static PyMethodDef module_methods[] = {
     {"frame_size", mod_frame_size, METH_O, "Bytes a payload of n bytes occupies in the ring."},
     {"set_error_classes", mod_set_error_classes, METH_O, "Install shmq's exception classes."},
     {"monotonic_ns", mod_monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns (same as time.monotonic_ns)."},
+    PUBSUB_METHODS
     {NULL},
 };
 
@@ -1382,7 +1386,8 @@ PyMODINIT_FUNC PyInit__ring(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0 ||
         PyModule_AddObjectRef(m, "ReadSlot", (PyObject *)&ReadSlotType) < 0 ||
-        PyModule_AddObjectRef(m, "WriteSlot", (PyObject *)&WriteSlotType) < 0)
+        PyModule_AddObjectRef(m, "WriteSlot", (PyObject *)&WriteSlotType) < 0 ||
+        pubsub_add_types(m) < 0)
         goto fail;
     struct { const char *name; long long value; } constants[] = {
         {"VERSION", SHMQ_VERSION}, {"HEADER_SIZE", SHMQ_HEADER_SIZE},

@@ -308,6 +308,31 @@ int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span)
     }
 }
 
+int shmq_claim_after(shmq_ring *r, uint64_t after, uint64_t length, shmq_span *span)
+{
+    if (r->multi_producer)
+        return shmq_claim(r, &length, 1, span);
+    /* A single producer with claims still uncommitted continues from the end of
+     * the last one (`after`), not from tail_commit: nobody else writes here. */
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t head = pass ? atomic_load_explicit(r->head_release, ACQUIRE)
+                             : atomic_load_explicit(&r->cached_head, RELAXED);
+        /* SYNC (second pass): acquire pairs with the release store of
+         * head_release in shmq_release(), as in shmq_claim(). */
+        if (pass)
+            atomic_store_explicit(&r->cached_head, head, RELAXED);
+        uint64_t end, bytes;
+        if (fit(r, after, head, &length, 1, &end, &bytes) == 1) {
+            span->start = after;
+            span->end = end;
+            span->count = 1;
+            span->bytes = bytes;
+            return SHMQ_OK;
+        }
+    }
+    return SHMQ_FULL;
+}
+
 uint8_t *shmq_place(shmq_ring *r, uint64_t *pos, uint32_t length)
 {
     uint64_t fp;

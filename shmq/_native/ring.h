@@ -172,6 +172,11 @@ int shmq_check_length(const shmq_ring *r, uint64_t length);
 /* Ring bytes a message of `length` needs at the current tail (header and wrap padding). */
 uint64_t shmq_bytes_needed(shmq_ring *r, uint64_t length);
 int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span);
+/* Claims room for one frame right after `after`, the end of this producer's
+ * last claim that is not committed yet (single-producer rings: several claims
+ * can then be committed together as one span from the first start to the last
+ * end). Multi-producer rings ignore `after` and claim as shmq_claim() does. */
+int shmq_claim_after(shmq_ring *r, uint64_t after, uint64_t length, shmq_span *span);
 uint8_t *shmq_place(shmq_ring *r, uint64_t *pos, uint32_t length);
 int shmq_commit_ready(shmq_ring *r, const shmq_span *span);
 void shmq_commit(shmq_ring *r, const shmq_span *span);

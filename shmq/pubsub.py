@@ -1,0 +1,580 @@
+"""`Publisher` and `Subscriber`: the client side of a bus (the router is shmq/router.py).
+
+Each client owns one ring: a publisher writes its messages into its ring and the router reads
+them; the router writes a subscriber's messages into the subscriber's ring. The hot calls
+(`publish`, `publish_many`, `recv`, `recv_many`) are native methods of the base classes
+(shmq/_native/_pubsub.c); this module adds what is not hot: the control connection to the
+router (hello, liveness, reconnection), validation, statistics, iteration and asyncio.
+
+The control connection is watched by a daemon thread per client that blocks on the socket: when
+the router goes away (stopped, crashed) the thread sees EOF at once, marks the client
+disconnected, and reconnects with back-off until a router is back, saying hello again with the
+same ring, so whatever is queued in the rings survives the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
+
+from shmq import _bus
+from shmq._async import RingWaiter
+from shmq._bus import POLICIES, PublisherStats, SubscriberStats, validate_bus
+from shmq._errors import (
+    ArgumentTypeError,
+    Closed,
+    Empty,
+    Full,
+    InvalidArgument,
+    NotFound,
+    RouterUnavailable,
+    ShmqError,
+)
+from shmq._native import _ring
+from shmq._segment import Segment
+from shmq._wire import encode_headers
+from shmq.filters import compile_filter
+from shmq.queue import DEFAULT_CAPACITY, WAITS, Kind, Queue, Wait, _check_capacity
+from shmq.topics import validate_pattern, validate_topic
+
+__all__ = ["Message", "Publisher", "Subscriber"]
+
+from shmq._native._ring import Message
+
+log = logging.getLogger("shmq.pubsub")
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.01, 0.5
+
+
+class _Link:
+    """The control connection of one client: hello, then liveness, then reconnection."""
+
+    def __init__(self, bus: str, hello: dict[str, Any], on_connect: Any, on_disconnect: Any) -> None:
+        self.bus = bus
+        self.hello = {**hello, "version": _bus.PROTOCOL_VERSION}
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.connected = threading.Event()
+        self.closed = threading.Event()
+        self.generation = 0  # connections made so far
+        self._sock: _bus.LineSocket | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def open(self, timeout: float | None) -> None:
+        """Connect now (waiting up to `timeout` for a router), then watch in the background."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _BACKOFF_MIN_S
+        while True:
+            try:
+                self._handshake(timeout=5.0)
+                break
+            except (OSError, ConnectionError):
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise RouterUnavailable(
+                        f"no router is serving bus {self.bus!r}; start one with `shmq router {self.bus}` "
+                        f"or shmq.Router({self.bus!r}).start()"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+        self._thread = threading.Thread(target=self._watch, name=f"shmq-link-{self.bus}", daemon=True)
+        self._thread.start()
+
+    def _handshake(self, timeout: float) -> None:
+        sock = _bus.connect(self.bus, timeout)
+        try:
+            sock.send(self.hello)
+            reply = sock.receive()
+        except BaseException:
+            sock.close()
+            raise
+        if reply is None:
+            sock.close()
+            raise ConnectionError("the router closed the connection during hello")
+        if not reply.get("ok"):
+            sock.close()
+            raise _bus.error_from_reply(reply)
+        sock.sock.settimeout(None)
+        with self._lock:
+            if self.closed.is_set():
+                sock.close()
+                raise Closed("closed")
+            self._sock = sock
+        self.on_connect(reply)
+        self.generation += 1
+        self.connected.set()
+
+    def _watch(self) -> None:
+        while not self.closed.is_set():
+            sock = self._sock
+            try:
+                while sock is not None:
+                    message = sock.receive()
+                    if message is None:
+                        break
+                    if message.get("op") == "error":
+                        log.error("bus %r: the router says: %s", self.bus, message.get("message"))
+            except (OSError, ValueError, ConnectionError):
+                pass
+            self.connected.clear()
+            with self._lock:
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
+            if self.closed.is_set():
+                return
+            self.on_disconnect()
+            log.info("bus %r: router gone; reconnecting", self.bus)
+            delay = _BACKOFF_MIN_S
+            while not self.closed.is_set():
+                try:
+                    self._handshake(timeout=5.0)
+                    log.info("bus %r: reconnected", self.bus)
+                    break
+                except Closed:
+                    return
+                except ShmqError as exc:
+                    log.warning("bus %r: the router refused us on reconnect: %s", self.bus, exc)
+                except (OSError, ConnectionError):
+                    pass
+                self.closed.wait(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    def wait_connected(self, deadline_ns: int) -> bool:
+        """Wait until connected; deadline_ns as time.monotonic_ns() (-1 forever, 0 no wait)."""
+        if self.connected.is_set():
+            return True
+        if deadline_ns == 0:
+            return False
+        while not self.closed.is_set():
+            left = None if deadline_ns < 0 else (deadline_ns - time.monotonic_ns()) / 1e9
+            if left is not None and left <= 0:
+                return self.connected.is_set()
+            if self.connected.wait(0.1 if left is None else min(left, 0.1)):
+                return True
+        return False
+
+    def close(self) -> None:
+        self.closed.set()
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.sock.shutdown(2)
+            sock.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+
+
+class _Client:
+    """What Publisher and Subscriber share: the ring, the bus segment, the link."""
+
+    _bus: str
+    _slot: int
+    _ring: Queue
+    _link: _Link
+    _bus_segment: Segment | None
+
+    def _map_bus(self, reply: dict[str, Any]) -> Segment:
+        old = self._bus_segment
+        segment = _bus.open_bus_segment(self.bus)
+        self._bus_segment = segment
+        self._slot = int(reply["slot"])
+        if old is not None:
+            old.close()
+        return segment
+
+    def _unmap_bus(self) -> None:
+        segment, self._bus_segment = self._bus_segment, None
+        if segment is not None:
+            segment.close()
+
+    @property
+    def bus(self) -> str:
+        return self._bus
+
+    @property
+    def ring_name(self) -> str:
+        return self._ring.name
+
+    @property
+    def connected(self) -> bool:
+        return self._link.connected.is_set()
+
+    def _check_open(self) -> None:
+        if self._link.closed.is_set():
+            raise Closed(f"this {type(self).__name__.lower()} of bus {self._bus!r} is closed")
+
+
+def _random_id() -> int:
+    return random.getrandbits(32) or 1
+
+
+class Publisher(_ring.PublisherCore, _Client):
+    """Publishes messages on a bus: ``seq = pub.publish("md.XNAS.AAPL", data, headers={...})``.
+
+    `data` is any C-contiguous buffer (bytes, bytearray, memoryview, numpy array). `headers` is a
+    dict of str to str/int/float/bool that subscribers' ``where=`` filters test. Each message gets
+    `timestamp_ns` (``time.monotonic_ns()`` at publish) and `seq`, numbered from 1 per publisher and
+    topic (so a subscriber can spot a gap from one publisher; several publishers of one topic each
+    count their own).
+
+    ``publish`` waits up to `timeout` (None: forever) when the publisher's ring is full, which
+    happens when a subscriber with ``on_full="block"`` is behind (back-pressure), and raises
+    `Full` then; during a router outage it waits for the router to come back and raises
+    `RouterUnavailable` at the timeout. `capacity` is the publisher's ring size in bytes.
+
+    Use one Publisher from several threads if you like (its ring takes several producers); close
+    it (or use ``with``) to wait until the router took everything (``linger``) and free the ring.
+    """
+
+    def __init__(
+        self,
+        bus: str,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        wait: Wait = "adaptive",
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self._bus = validate_bus(bus)
+        if not isinstance(wait, str) or wait not in WAITS:
+            raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
+        _check_capacity(capacity)
+        self._bus_segment = None
+        self._slot = -1
+        ring = Queue(_bus.client_ring_name(bus, "p"), create=True, kind="mpsc", capacity=capacity, wait=wait)
+        self._publisher_id = _random_id()
+        try:
+            super().__init__(ring, self._publisher_id)
+            self._ring = ring
+            self._link = _Link(
+                bus,
+                {
+                    "op": "hello",
+                    "role": "publisher",
+                    "ring": ring.name,
+                    "pid": _pid(),
+                    "publisher_id": self.publisher_id,
+                },
+                self._connected,
+                self._disconnected,
+            )
+            self._link.open(connect_timeout)
+        except BaseException:
+            ring.close()
+            ring.unlink()
+            raise
+
+    @property
+    def publisher_id(self) -> int:
+        """The id every message of this publisher carries (`Message.publisher_id`)."""
+        return self._publisher_id
+
+    # -- called by the native half -----------------------------------------------------------
+
+    def _prepare(self, topic: str, deadline_ns: int) -> None:
+        """Register a new topic, and wait for a router if there is none right now."""
+        self._check_open()
+        validate_topic(topic)
+        self._add_topic(topic, 0)
+        if not self.connected and not self._link.wait_connected(deadline_ns):
+            self._check_open()
+            raise RouterUnavailable(
+                f"no router is serving bus {self._bus!r} (waited for it to come back); start one with "
+                f"`shmq router {self._bus}`; nothing was published"
+            )
+
+    def _timed_out(self, nbytes: int) -> None:
+        if not self.connected:
+            raise RouterUnavailable(
+                f"no router is serving bus {self._bus!r} and this publisher's ring is full; start one "
+                f"with `shmq router {self._bus}`; nothing was published"
+            )
+        raise Full(
+            f"publisher ring of bus {self._bus!r} stayed full for the timeout: a subscriber with "
+            "on_full='block' is behind (back-pressure); wait longer, let it catch up, or subscribe "
+            "it with a dropping policy"
+        )
+
+    def _encode_headers(self, headers: Any) -> bytes:
+        return encode_headers(headers)
+
+    def _connected(self, reply: dict[str, Any]) -> None:
+        segment = self._map_bus(reply)
+        self._set_bus(segment.mapping)
+
+    def _disconnected(self) -> None:
+        self._set_bus(None)
+        self._unmap_bus()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the router has taken everything published so far; False at the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._ring.qsize() > 0:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0005)
+        return True
+
+    def close(self, linger: float | None = 5.0) -> None:
+        """Wait up to `linger` seconds for the router to take what is queued, then detach."""
+        if self._link.closed.is_set():
+            return
+        left = 0 if not self.connected else linger
+        if not self.flush(left) or self._ring.qsize():
+            log.warning(
+                "bus %r: closing a publisher with %d messages the router has not taken; they are lost",
+                self._bus,
+                self._ring.qsize(),
+            )
+        self._link.close()
+        self._set_bus(None)
+        self._unmap_bus()
+        self._ring.close()
+        with contextlib.suppress(NotFound):
+            self._ring.unlink()
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed.is_set()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("connected" if self.connected else "waiting for the router")
+        return f"<shmq.Publisher bus={self._bus!r} id={self.publisher_id} {state}>"
+
+    def stats(self) -> PublisherStats:
+        """This publisher's counters: its ring, and what the router took from it."""
+        self._check_open()
+        counters = self._ring._counters()
+        segment = self._bus_segment
+        routed = routed_bytes = stalls = 0
+        if segment is not None and self._slot >= 0:
+            slot = _bus.read_publisher(
+                self._bus,
+                segment.mapping,
+                _bus.u64(segment.mapping, _bus.OFF_PUBLISHERS) + self._slot * _bus.PUBLISHER_SLOT,
+            )
+            routed, routed_bytes, stalls = slot.routed, slot.routed_bytes, slot.stalls
+        return PublisherStats(
+            bus=self._bus,
+            publisher_id=self.publisher_id,
+            pid=_pid(),
+            ring=self._ring.name,
+            state="live" if self.connected else "disconnected",
+            published=counters["messages_put"],
+            routed=routed,
+            routed_bytes=routed_bytes,
+            depth_messages=counters["depth_messages"],
+            depth_bytes=counters["depth_bytes"],
+            stalls=stalls,
+        )
+
+    def last_seqs(self) -> dict[str, int]:
+        """The last sequence number published on each topic."""
+        return dict(self._last_seqs())
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _patterns(patterns: object) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        return (validate_pattern(patterns),)
+    if not isinstance(patterns, Iterable):
+        raise ArgumentTypeError(f"patterns must be a str or a list of str, got {type(patterns).__name__}")
+    out = tuple(validate_pattern(p) for p in patterns)
+    if not out:
+        raise InvalidArgument("a subscriber needs at least one pattern")
+    return out
+
+
+def _group(group: object) -> str | None:
+    if group is None:
+        return None
+    if not isinstance(group, str):
+        raise ArgumentTypeError(f"group must be a str or None, got {type(group).__name__}")
+    if not group or len(group) > 100 or not group.isprintable():
+        raise InvalidArgument(f"group must be 1 to 100 printable characters, got {group!r}")
+    return group
+
+
+class Subscriber(_ring.SubscriberCore, _Client):
+    """Receives the messages of a bus whose topics match `patterns` (a str or a list of them).
+
+    ``where=`` filters on headers (see shmq.filters; evaluated in the router). ``group=``: the
+    subscribers sharing a group name (with the same patterns and filter) share the messages, each
+    going to one member; when a member leaves or dies, what was queued for it goes to the others.
+    ``on_full`` is what the router does when this subscriber's ring is full: ``"block"`` (wait:
+    back-pressure on the publishers, lossless), ``"drop"`` (drop new messages for this subscriber),
+    ``"drop_oldest"`` (drop the oldest queued ones), ``"conflate"`` (keep only the newest message
+    per topic until there is room). Drops are counted in `stats()`. ``last_value=True`` first
+    delivers the newest message of every matching topic the router has seen.
+
+    ``recv(timeout=None)`` returns a `Message` and raises `Empty` at the timeout;
+    ``recv_many`` returns a list ([] at the timeout); iterating blocks and ends when the
+    subscriber is closed; ``recv_async`` / ``aiter()`` are for asyncio.
+    """
+
+    def __init__(
+        self,
+        bus: str,
+        patterns: str | Iterable[str],
+        *,
+        where: str | None = None,
+        group: str | None = None,
+        on_full: str = "block",
+        capacity: int = DEFAULT_CAPACITY,
+        last_value: bool = False,
+        wait: Wait = "adaptive",
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self._bus = validate_bus(bus)
+        self.patterns = _patterns(patterns)
+        self.where = None if where is None else str(compile_filter(where))
+        self.group = _group(group)
+        if not isinstance(on_full, str) or on_full not in POLICIES:
+            raise InvalidArgument(f"on_full must be one of {', '.join(POLICIES)}, got {on_full!r}")
+        if self.group is not None and on_full not in ("block", "drop"):
+            raise InvalidArgument(
+                f"on_full={on_full!r} cannot be used with group=: a queue group shares messages between "
+                "members, so it takes 'block' (lossless) or 'drop'"
+            )
+        if not isinstance(wait, str) or wait not in WAITS:
+            raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
+        _check_capacity(capacity)
+        self.on_full = on_full
+        self.last_value = bool(last_value)
+        self._bus_segment = None
+        self._slot = -1
+        self._waiter: RingWaiter | None = None
+        kind: Kind = (
+            "mpmc" if on_full == "drop_oldest" else "spsc"
+        )  # drop_oldest: the router takes from it too
+        ring = Queue(_bus.client_ring_name(bus, "s"), create=True, kind=kind, capacity=capacity, wait=wait)
+        try:
+            super().__init__(ring)
+            self._ring = ring
+            hello = {
+                "op": "hello",
+                "role": "subscriber",
+                "ring": ring.name,
+                "pid": _pid(),
+                "patterns": list(self.patterns),
+                "where": where,
+                "group": self.group,
+                "on_full": on_full,
+                "last_value": self.last_value,
+            }
+            self._link = _Link(bus, hello, self._map_bus, lambda: self._unmap_bus())
+            self._link.open(connect_timeout)
+            self._link.hello["last_value"] = False  # after a router restart there is nothing to replay
+        except BaseException:
+            ring.close()
+            ring.unlink()
+            raise
+
+    def __iter__(self) -> Iterator[Message]:
+        """Every message, blocking between them; ends when the subscriber is closed."""
+        while True:
+            try:
+                yield self.recv()
+            except Closed:
+                return
+
+    async def recv_async(self, timeout: float | None = None) -> Message:
+        """recv without blocking the event loop; raises Empty after `timeout` seconds.
+
+        Cancellation-safe: a message is taken only when the coroutine is about to return it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                return self.recv(0)
+            except Empty:
+                if self._waiter is None:
+                    self._waiter = RingWaiter(lambda _n, t: self._ring.wait_readable(t), self._ring.name)
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                if not await self._waiter.wait(0, left):
+                    raise Empty(f"no message on bus {self._bus!r} within {timeout} s") from None
+
+    async def aiter(self) -> AsyncIterator[Message]:
+        """``async for msg in sub.aiter()``: ends when the subscriber is closed."""
+        while True:
+            try:
+                yield await self.recv_async()
+            except Closed:
+                return
+
+    def close(self) -> None:
+        """Leave the bus. Messages queued for a group member go to the other members."""
+        if self._link.closed.is_set():
+            return
+        self._link.close()
+        if self._waiter is not None:
+            self._waiter.close()
+        self._unmap_bus()
+        self._ring.close()
+        with contextlib.suppress(NotFound):
+            self._ring.unlink()
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed.is_set()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("connected" if self.connected else "waiting for the router")
+        return f"<shmq.Subscriber bus={self._bus!r} patterns={list(self.patterns)} {state}>"
+
+    def stats(self) -> SubscriberStats:
+        """Delivered, received, dropped, filtered and pending counts, depth and lag."""
+        self._check_open()
+        segment = self._bus_segment
+        if segment is None or self._slot < 0:
+            counters = self._ring._counters()
+            return SubscriberStats(
+                bus=self._bus,
+                subscriber_id=0,
+                pid=_pid(),
+                ring=self._ring.name,
+                patterns=self.patterns,
+                where=self.where,
+                group=self.group,
+                on_full=self.on_full,
+                state="disconnected",
+                capacity=self._ring.capacity,
+                delivered=counters["messages_put"],
+                delivered_bytes=counters["bytes_put"],
+                received=counters["messages_got"],
+                depth_messages=counters["depth_messages"],
+                depth_bytes=counters["depth_bytes"],
+                drops=0,
+                filtered=0,
+                pending=0,
+                lag=counters["depth_messages"],
+            )
+        off = _bus.u64(segment.mapping, _bus.OFF_SUBSCRIBERS) + self._slot * _bus.SUBSCRIBER_SLOT
+        return _bus.read_subscriber(self._bus, segment.mapping, off, live_ring=self._ring)

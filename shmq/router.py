@@ -1,0 +1,845 @@
+"""The topic router: `Router` (a child process you start from Python), `serve` (the router itself).
+
+One router serves one bus. Its two halves run in two threads:
+
+* the **control plane** (this module, the main thread): a Unix socket where publishers and
+  subscribers say hello, the subscription table (a `TopicIndex`), queue groups, and housekeeping
+  every 100 ms (ring depths into the bus segment, rings of gone clients drained and removed);
+* the **data plane** (`_ring.Forwarder`, C, its own thread with the GIL released): reads every
+  publisher ring, finds each message's route by an array index, evaluates filters, and copies the
+  message into each subscriber ring, applying the `on_full` policies. It comes back to Python only
+  when a publisher uses a topic for the first time (to compute that topic's route) or a ring is
+  damaged.
+
+Routes are recomputed in Python when subscriptions change and handed to the forwarder as whole
+replacements; the forwarder never waits for Python while messages flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmq import _bus
+from shmq._bus import (
+    OFF_GENERATION,
+    OFF_HEARTBEAT_NS,
+    OFF_MAGIC,
+    OFF_MAX_PUBLISHERS,
+    OFF_MAX_SUBSCRIBERS,
+    OFF_MAX_TOPICS,
+    OFF_PUBLISHERS,
+    OFF_ROUTER_PID,
+    OFF_STARTED_NS,
+    OFF_STATE,
+    OFF_SUBSCRIBERS,
+    OFF_TOPICS,
+    OFF_TOPICS_UNTRACKED,
+    OFF_TOPICS_USED,
+    OFF_VERSION,
+    POLICIES,
+    PUBLISHER_SLOT,
+    SLOT_CORRUPT,
+    SLOT_DRAINING,
+    SLOT_FREE,
+    SLOT_LIVE,
+    SUBSCRIBER_DESCRIPTION,
+    SUBSCRIBER_DESCRIPTION_MAX,
+    SUBSCRIBER_SLOT,
+    TOPIC_SLOT,
+    LineSocket,
+    put_u32,
+    put_u64,
+    validate_bus,
+)
+from shmq._errors import AlreadyExists, InvalidArgument, NotFound, RouterUnavailable, ShmqError
+from shmq._native import _ring
+from shmq._segment import Segment
+from shmq._wire import encode_filter
+from shmq.filters import compile_filter
+from shmq.queue import WAITS
+from shmq.topics import TopicIndex, matches, validate_pattern, validate_topic
+
+__all__ = ["Router", "serve"]
+
+log = logging.getLogger("shmq.router")
+
+HOUSEKEEPING_S = 0.1
+RUN_SLICE_S = 0.25
+
+
+@dataclass
+class _Publisher:
+    id: int
+    slot: int
+    pid: int
+    ring_name: str
+    publisher_id: int
+    segment: Segment
+    link: LineSocket | None
+    gone: bool = False  # its connection ended: drain its ring, then forget it
+
+
+@dataclass
+class _Subscriber:
+    id: int
+    slot: int
+    pid: int
+    ring_name: str
+    patterns: tuple[str, ...]
+    where: str | None
+    program: bytes | None
+    group: str | None
+    on_full: str
+    segment: Segment
+    link: LineSocket | None
+    capacity: int
+
+
+@dataclass
+class _Group:
+    """Subscribers sharing one group name, patterns and filter: each message goes to one of them."""
+
+    key: tuple[str, tuple[str, ...], str | None]
+    program: bytes | None
+    members: list[int] = field(default_factory=list)
+    orphans: list[int] = field(default_factory=list)  # redelivery inputs waiting for a member
+
+
+@dataclass
+class _Redelivery:
+    """The ring of a group member that left, read by the router for the other members."""
+
+    input_id: int
+    segment: Segment
+    ring_name: str
+    group: tuple[str, tuple[str, ...], str | None]
+    unlink: bool
+
+
+class _RouterCore:
+    """The router's state and both planes (runs inside the router's process)."""
+
+    def __init__(
+        self,
+        bus: str,
+        *,
+        wait: str,
+        spin_ns: int,
+        max_publishers: int,
+        max_subscribers: int,
+        max_topics: int,
+        last_value: bool,
+    ) -> None:
+        self.bus = bus
+        self.wait_code = WAITS[wait]
+        self.spin_ns = spin_ns
+        self.max_publishers, self.max_subscribers, self.max_topics = (
+            max_publishers,
+            max_subscribers,
+            max_topics,
+        )
+        self.keep_last = last_value
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.listener = self._bind()
+        try:
+            self.segment = self._create_bus_segment()
+        except BaseException:
+            self.listener.close()
+            raise
+        self.forwarder = _ring.Forwarder(self.segment.mapping)
+        self.publishers: dict[int, _Publisher] = {}
+        self.subscribers: dict[int, _Subscriber] = {}
+        self.groups: dict[tuple[str, tuple[str, ...], str | None], _Group] = {}
+        self.redeliveries: dict[int, _Redelivery] = {}
+        self.index: TopicIndex[Any] = TopicIndex()
+        self.topics: dict[str, int] = {}  # topic -> router topic id
+        self.topic_names: list[str] = []
+        self.next_id = 1
+        self.free_pub_slots = list(range(max_publishers - 1, -1, -1))
+        self.free_sub_slots = list(range(max_subscribers - 1, -1, -1))
+        self.selector = selectors.DefaultSelector()
+        self.forward_thread: threading.Thread | None = None
+        self.forward_error: BaseException | None = None
+
+    # -- set-up and tear-down ------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(_bus.socket_address(self.bus))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == 98:  # EADDRINUSE: the kernel says a live process holds it
+                raise AlreadyExists(
+                    f"a router is already running on bus {self.bus!r}{_holder(self.bus)}; stop it first "
+                    f"(Ctrl-C, or kill its pid), or pick another bus name"
+                ) from None
+            raise
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    def _create_bus_segment(self) -> Segment:
+        name = _bus.bus_segment_name(self.bus)
+        # We hold the socket, so any bus segment already there was left by a router that died
+        # (the socket is freed with its process; a live router would still hold it).
+        with contextlib.suppress(NotFound, ShmqError):
+            old = _bus.open_bus_segment(self.bus)
+            pid, started = _bus.u64(old.mapping, OFF_ROUTER_PID), _bus.u64(old.mapping, OFF_STARTED_NS)
+            old.close()
+            state = "alive?" if _bus.router_alive(pid, started) else "dead"
+            log.warning("bus %r: replacing the bus segment left by router pid %d (%s)", self.bus, pid, state)
+        with contextlib.suppress(NotFound):
+            Segment.unlink(name)
+        pubs, subs, topics, size = _bus.bus_layout(self.max_publishers, self.max_subscribers, self.max_topics)
+        segment = Segment.create(name, size)
+        m = segment.mapping
+        put_u32(m, OFF_VERSION, _bus.BUS_VERSION)
+        put_u32(m, OFF_STATE, _bus.STATE_RUNNING)
+        put_u64(m, OFF_ROUTER_PID, os.getpid())
+        put_u64(m, OFF_STARTED_NS, time.time_ns())
+        put_u64(m, OFF_GENERATION, random.getrandbits(63))
+        put_u32(m, OFF_MAX_PUBLISHERS, self.max_publishers)
+        put_u32(m, OFF_MAX_SUBSCRIBERS, self.max_subscribers)
+        put_u32(m, OFF_MAX_TOPICS, self.max_topics)
+        put_u64(m, OFF_PUBLISHERS, pubs)
+        put_u64(m, OFF_SUBSCRIBERS, subs)
+        put_u64(m, OFF_TOPICS, topics)
+        put_u64(m, OFF_MAGIC, _bus.BUS_MAGIC)  # last: readers check it first
+        return segment
+
+    def close(self) -> None:
+        """Stop forwarding, say goodbye (EOF) to every client, remove the bus segment."""
+        self.stopping.set()
+        self.forwarder.stop()
+        if self.forward_thread is not None:
+            self.forward_thread.join(5.0)
+        with self.lock:
+            clients: list[_Publisher | _Subscriber] = [*self.publishers.values(), *self.subscribers.values()]
+            for client in clients:
+                if client.link is not None:
+                    client.link.close()
+            self.listener.close()
+            self.selector.close()
+            put_u32(self.segment.mapping, OFF_STATE, _bus.STATE_STOPPED)
+            for redelivery in self.redeliveries.values():
+                # Undelivered messages of a gone group member stay in its ring for the next router.
+                redelivery.segment.close()
+            del self.forwarder  # releases every ring buffer before the segments close
+            for client in clients:
+                client.segment.close()
+            with contextlib.suppress(NotFound):
+                Segment.unlink(self.segment.name)
+            self.segment.close()
+
+    # -- the data plane ------------------------------------------------------------------------
+
+    def start_forwarding(self) -> None:
+        self.forward_thread = threading.Thread(target=self._forward, name="shmq-forwarder", daemon=True)
+        self.forward_thread.start()
+
+    def _forward(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                event = self.forwarder.run(RUN_SLICE_S, self.wait_code, self.spin_ns)
+                if event is not None:
+                    with self.lock:
+                        self._on_event(event)
+        except BaseException as exc:  # reported by the main loop, which then stops
+            self.forward_error = exc
+            self.stopping.set()
+
+    def _on_event(self, event: tuple[Any, ...]) -> None:
+        if event[0] == "topic":
+            _, input_id, local_id, raw = event
+            try:
+                topic = validate_topic(raw.decode("utf-8", "surrogatepass"))
+            except (UnicodeDecodeError, ShmqError) as exc:
+                self._isolate(input_id, f"invalid topic {raw!r}: {exc}")
+                return
+            gid = self._topic_id(topic)
+            self.forwarder.map_topic(input_id, local_id, gid)
+        elif event[0] == "corrupt":
+            self._isolate(event[1], "a message or cursor failed its bounds check")
+
+    def _isolate(self, input_id: int, why: str) -> None:
+        """Stop reading a damaged publisher ring; everyone else carries on."""
+        log.error("bus %r: isolating publisher ring %d: %s", self.bus, input_id, why)
+        publisher = self.publishers.get(input_id)
+        if publisher is not None:
+            self._slot_state(publisher, SLOT_CORRUPT)
+            if publisher.link is not None:
+                with contextlib.suppress(OSError):
+                    publisher.link.send({"op": "error", "error": "CorruptSegment", "message": why})
+
+    def _topic_id(self, topic: str) -> int:
+        gid = self.topics.get(topic)
+        if gid is not None:
+            return gid
+        gid = len(self.topic_names)
+        stats = -1
+        if gid < self.max_topics:
+            stats = _bus.u64(self.segment.mapping, OFF_TOPICS) + gid * TOPIC_SLOT
+            raw = topic.encode()
+            self.segment.mapping[stats + 64 : stats + 64 + len(raw)] = raw
+            put_u32(self.segment.mapping, stats + 4, len(raw))
+            put_u32(self.segment.mapping, stats, SLOT_LIVE)
+            put_u32(self.segment.mapping, OFF_TOPICS_USED, gid + 1)
+        else:
+            untracked = _bus.u64(self.segment.mapping, OFF_TOPICS_UNTRACKED)
+            put_u64(self.segment.mapping, OFF_TOPICS_UNTRACKED, untracked + 1)
+        self.forwarder.add_topic(gid, stats, self.keep_last)
+        self.topics[topic] = gid
+        self.topic_names.append(topic)
+        self.forwarder.update([(gid, self._targets(topic))])
+        return gid
+
+    def _targets(self, topic: str) -> list[tuple[bytes | None, list[int], bool, int]]:
+        targets = []
+        for value in sorted(self.index.match(topic), key=repr):
+            if isinstance(value, tuple):
+                group = self.groups[value]
+                if not group.members:  # nobody to take new messages: like a topic nobody wants
+                    continue
+                targets.append((group.program, list(group.members), True, POLICIES["block"]))
+            else:
+                sub = self.subscribers[value]
+                targets.append((sub.program, [sub.id], False, 0))
+        return targets
+
+    def _reroute(
+        self, patterns: tuple[str, ...], replay: tuple[int, list[int], bytes | None] | None = None
+    ) -> None:
+        """Recompute the route of every known topic one of `patterns` matches."""
+        affected = [
+            (gid, topic) for topic, gid in self.topics.items() if any(matches(p, topic) for p in patterns)
+        ]
+        self.forwarder.update([(gid, self._targets(topic)) for gid, topic in affected], replay)
+
+    # -- the control plane ---------------------------------------------------------------------
+
+    def serve(self, ready: Any = None) -> None:
+        """Run until stop() or a signal; `ready()` is called once clients can connect."""
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.start_forwarding()
+        if ready is not None:
+            ready()
+        next_housekeeping = time.monotonic()
+        while not self.stopping.is_set():
+            timeout = max(0.0, next_housekeeping - time.monotonic())
+            for key, _ in self.selector.select(timeout):
+                if self.stopping.is_set():
+                    break
+                with self.lock:
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._on_readable(key.data)
+            if time.monotonic() >= next_housekeeping:
+                with self.lock:
+                    self._housekeeping()
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_S
+        if self.forward_error is not None:
+            raise self.forward_error
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        link = LineSocket(sock)
+        self.selector.register(sock, selectors.EVENT_READ, ["new", link, None])
+
+    def _on_readable(self, data: list[Any]) -> None:
+        kind, link, client = data
+        messages = link.feed()
+        if messages is None:  # EOF: the client closed, or its process died
+            self._disconnect(link, client)
+            return
+        for message in messages:
+            if kind != "new" or message.get("op") != "hello":
+                continue  # nothing else is expected from a client yet
+            try:
+                client = self._hello(link, message)
+            except ShmqError as exc:
+                reply: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+                for attr in ("topic", "expression"):
+                    if hasattr(exc, attr):
+                        reply[attr] = getattr(exc, attr)
+                with contextlib.suppress(OSError):
+                    link.send(reply)
+                self._disconnect(link, None)
+                return
+            data[0], data[2] = "client", client
+
+    def _disconnect(self, link: LineSocket, client: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(link.sock)
+        link.close()
+        if isinstance(client, _Publisher):
+            client.link = None
+            client.gone = True
+            self._slot_state(client, SLOT_DRAINING)
+            self.forwarder.wake()
+        elif isinstance(client, _Subscriber):
+            self._remove_subscriber(client)
+
+    def _hello(self, link: LineSocket, message: dict[str, Any]) -> _Publisher | _Subscriber:
+        if message.get("version") != _bus.PROTOCOL_VERSION:
+            raise InvalidArgument(
+                f"client speaks protocol {message.get('version')!r}, this router {_bus.PROTOCOL_VERSION}: "
+                "use the same shmq version everywhere"
+            )
+        role, ring_name = message.get("role"), message.get("ring")
+        prefix = f"bus.{self.bus}.{'p' if role == 'publisher' else 's'}."
+        if not isinstance(ring_name, str) or not ring_name.startswith(prefix):
+            raise InvalidArgument(f"bad ring name {ring_name!r} for a {role}")
+        pid = int(message.get("pid", 0))
+        if role == "publisher":
+            return self._add_publisher(link, ring_name, pid, int(message.get("publisher_id", 0)))
+        if role == "subscriber":
+            return self._add_subscriber(link, ring_name, pid, message)
+        raise InvalidArgument(f"unknown role {role!r}")
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _add_publisher(self, link: LineSocket, ring_name: str, pid: int, publisher_id: int) -> _Publisher:
+        if not self.free_pub_slots:
+            raise InvalidArgument(
+                f"bus {self.bus!r} has {self.max_publishers} publishers already; start the router "
+                "with a larger max_publishers"
+            )
+        segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
+        slot = self.free_pub_slots.pop()
+        pub = _Publisher(self._new_id(), slot, pid, ring_name, publisher_id, segment, link)
+        off = self._pub_slot_offset(slot)
+        self.segment.mapping[off : off + PUBLISHER_SLOT] = bytes(PUBLISHER_SLOT)
+        put_u32(self.segment.mapping, off + 4, pid)
+        put_u32(self.segment.mapping, off + 8, publisher_id)
+        raw = ring_name.encode()[:63]
+        self.segment.mapping[off + 64 : off + 64 + len(raw)] = raw
+        try:
+            self.forwarder.add_input(pub.id, segment.mapping, off)
+        except BaseException:
+            self.free_pub_slots.append(slot)
+            segment.close()
+            raise
+        put_u32(self.segment.mapping, off, SLOT_LIVE)
+        self.publishers[pub.id] = pub
+        link.send({"ok": True, "bus_segment": self.segment.name, "slot": slot, "id": pub.id})
+        log.info("bus %r: publisher %d (pid %d) attached %s", self.bus, pub.id, pid, ring_name)
+        return pub
+
+    def _add_subscriber(
+        self, link: LineSocket, ring_name: str, pid: int, message: dict[str, Any]
+    ) -> _Subscriber:
+        patterns = message.get("patterns")
+        if not isinstance(patterns, list) or not patterns:
+            raise InvalidArgument("a subscriber needs at least one pattern")
+        patterns_t = tuple(validate_pattern(p) for p in patterns)
+        where = message.get("where")
+        program = encode_filter(compile_filter(where)) if where is not None else None
+        group = message.get("group")
+        on_full = message.get("on_full", "block")
+        if on_full not in POLICIES:
+            raise InvalidArgument(f"on_full must be one of {', '.join(POLICIES)}, got {on_full!r}")
+        if group is not None and on_full not in ("block", "drop"):
+            raise InvalidArgument("a queue group member takes on_full='block' or 'drop'")
+        if not self.free_sub_slots:
+            raise InvalidArgument(
+                f"bus {self.bus!r} has {self.max_subscribers} subscribers already; start the router "
+                "with a larger max_subscribers"
+            )
+        segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
+        slot = self.free_sub_slots.pop()
+        capacity = len(segment.mapping) - _ring.HEADER_SIZE
+        sub = _Subscriber(
+            self._new_id(),
+            slot,
+            pid,
+            ring_name,
+            patterns_t,
+            where,
+            program,
+            group,
+            on_full,
+            segment,
+            link,
+            capacity,
+        )
+        off = self._sub_slot_offset(slot)
+        m = self.segment.mapping
+        m[off : off + SUBSCRIBER_SLOT] = bytes(SUBSCRIBER_SLOT)
+        put_u32(m, off + 4, pid)
+        put_u32(m, off + 8, POLICIES[on_full])
+        put_u32(m, off + 12, sub.id)
+        put_u64(m, off + 88, capacity)
+        description = _describe(sub)
+        m[off + SUBSCRIBER_DESCRIPTION : off + SUBSCRIBER_DESCRIPTION + len(description)] = description
+        try:
+            self.forwarder.add_output(sub.id, segment.mapping, POLICIES[on_full], off)
+        except BaseException:
+            self.free_sub_slots.append(slot)
+            segment.close()
+            raise
+        put_u32(m, off, SLOT_LIVE)
+        self.subscribers[sub.id] = sub
+        if group is None:
+            for pattern in patterns_t:
+                self.index.add(pattern, sub.id)
+        else:
+            key = (group, tuple(sorted(set(patterns_t))), str(compile_filter(where)) if where else None)
+            grp = self.groups.get(key)
+            if grp is None:
+                grp = self.groups[key] = _Group(key, program)
+                for pattern in key[1]:
+                    self.index.add(pattern, key)
+            grp.members.append(sub.id)
+            for input_id in grp.orphans:  # messages a gone member left: now someone can take them
+                self.forwarder.set_input_target(input_id, (None, list(grp.members), True, POLICIES["block"]))
+        replay = None
+        if message.get("last_value"):
+            wanted = [gid for topic, gid in self.topics.items() if any(matches(p, topic) for p in patterns_t)]
+            replay = (sub.id, wanted, program)
+        self._reroute(patterns_t, replay)
+        link.send({"ok": True, "bus_segment": self.segment.name, "slot": slot, "id": sub.id})
+        log.info(
+            "bus %r: subscriber %d (pid %d) %s on %s", self.bus, sub.id, pid, ring_name, list(patterns_t)
+        )
+        return sub
+
+    def _remove_subscriber(self, sub: _Subscriber) -> None:
+        self.subscribers.pop(sub.id, None)
+        sub.link = None
+        alive = _pid_alive(sub.pid)
+        if sub.group is None:
+            for pattern in sub.patterns:
+                self.index.remove(pattern, sub.id)
+            self._reroute(sub.patterns)
+            self.forwarder.remove_output(sub.id)
+            sub.segment.close()
+            if not alive:
+                with contextlib.suppress(NotFound):
+                    Segment.unlink(sub.ring_name)
+        else:
+            key = next(k for k, g in self.groups.items() if sub.id in g.members)
+            grp = self.groups[key]
+            grp.members.remove(sub.id)
+            self._reroute(key[1])
+            self.forwarder.remove_output(sub.id)
+            # What it had not taken yet goes to the other members (or waits for the next one).
+            input_id = self._new_id()
+            self.forwarder.add_input(input_id, sub.segment.mapping, -1)
+            self.forwarder.set_input_target(input_id, (None, list(grp.members), True, POLICIES["block"]))
+            self.redeliveries[input_id] = _Redelivery(input_id, sub.segment, sub.ring_name, key, not alive)
+            grp.orphans.append(input_id)
+            if not grp.members and not grp.orphans:
+                self._forget_group(key)
+        self._free_sub_slot(sub.slot)
+        log.info("bus %r: subscriber %d left (%s)", self.bus, sub.id, "closed" if alive else "died")
+
+    def _forget_group(self, key: tuple[str, tuple[str, ...], str | None]) -> None:
+        for pattern in key[1]:
+            self.index.remove(pattern, key)
+        del self.groups[key]
+        self._reroute(key[1])
+
+    def _housekeeping(self) -> None:
+        m = self.segment.mapping
+        put_u64(m, OFF_HEARTBEAT_NS, time.monotonic_ns())
+        for pub in list(self.publishers.values()):
+            off = self._pub_slot_offset(pub.slot)
+            depth = self.forwarder.input_depth(pub.id)
+            info = _ring_counters(pub.segment)
+            put_u64(m, off + 40, max(depth, 0))
+            put_u64(m, off + 48, info[1])
+            put_u64(m, off + 56, info[2])
+            if pub.gone and depth <= 0:
+                self._forget_publisher(pub)
+        for sub in self.subscribers.values():
+            off = self._sub_slot_offset(sub.slot)
+            got, depth, depth_bytes = _subscriber_counters(sub.segment)
+            put_u64(m, off + 64, got)
+            put_u64(m, off + 72, depth)
+            put_u64(m, off + 80, depth_bytes)
+        for redelivery in list(self.redeliveries.values()):
+            if self.forwarder.input_depth(redelivery.input_id) == 0:
+                self.forwarder.remove_input(redelivery.input_id)
+                del self.redeliveries[redelivery.input_id]
+                grp = self.groups.get(redelivery.group)
+                if grp is not None:
+                    grp.orphans.remove(redelivery.input_id)
+                    if not grp.members and not grp.orphans:
+                        self._forget_group(redelivery.group)
+                redelivery.segment.close()
+                if redelivery.unlink:
+                    with contextlib.suppress(NotFound):
+                        Segment.unlink(redelivery.ring_name)
+
+    def _forget_publisher(self, pub: _Publisher) -> None:
+        self.forwarder.remove_input(pub.id)
+        del self.publishers[pub.id]
+        off = self._pub_slot_offset(pub.slot)
+        put_u32(self.segment.mapping, off, SLOT_FREE)
+        self.free_pub_slots.append(pub.slot)
+        pub.segment.close()
+        if not _pid_alive(pub.pid):
+            with contextlib.suppress(NotFound):
+                Segment.unlink(pub.ring_name)
+        log.info("bus %r: publisher %d detached", self.bus, pub.id)
+
+    def _pub_slot_offset(self, slot: int) -> int:
+        return _bus.u64(self.segment.mapping, OFF_PUBLISHERS) + slot * PUBLISHER_SLOT
+
+    def _sub_slot_offset(self, slot: int) -> int:
+        return _bus.u64(self.segment.mapping, OFF_SUBSCRIBERS) + slot * SUBSCRIBER_SLOT
+
+    def _free_sub_slot(self, slot: int) -> None:
+        put_u32(self.segment.mapping, self._sub_slot_offset(slot), SLOT_FREE)
+        self.free_sub_slots.append(slot)
+
+    def _slot_state(self, pub: _Publisher, state: int) -> None:
+        put_u32(self.segment.mapping, self._pub_slot_offset(pub.slot), state)
+
+
+def _describe(sub: _Subscriber) -> bytes:
+    info = {
+        "ring": sub.ring_name,
+        "patterns": list(sub.patterns),
+        "where": sub.where,
+        "group": sub.group,
+        "on_full": sub.on_full,
+    }
+    raw = json.dumps(info, separators=(",", ":")).encode()
+    if len(raw) >= SUBSCRIBER_DESCRIPTION_MAX:  # keep it valid JSON: shorten the filter text
+        info["where"] = (sub.where or "")[:60] + "..."
+        raw = json.dumps(info, separators=(",", ":")).encode()[: SUBSCRIBER_DESCRIPTION_MAX - 1]
+    return raw
+
+
+def _ring_counters(segment: Segment) -> tuple[int, int, int]:
+    """(depth messages, depth bytes, messages put) of a ring, from its header."""
+    m = segment.mapping
+    put = _bus.u64(m, _ring.OFF_TAIL_COMMIT + 8)
+    got = _bus.u64(m, _ring.OFF_HEAD_RELEASE + 8)
+    depth_bytes = _bus.u64(m, _ring.OFF_TAIL_COMMIT) - _bus.u64(m, _ring.OFF_HEAD_RELEASE)
+    return max(put - got, 0), max(depth_bytes, 0), put
+
+
+def _subscriber_counters(segment: Segment) -> tuple[int, int, int]:
+    """(messages taken, depth messages, depth bytes) of a subscriber ring."""
+    m = segment.mapping
+    put = _bus.u64(m, _ring.OFF_TAIL_COMMIT + 8)
+    got = _bus.u64(m, _ring.OFF_HEAD_RELEASE + 8)
+    depth_bytes = _bus.u64(m, _ring.OFF_TAIL_COMMIT) - _bus.u64(m, _ring.OFF_HEAD_RELEASE)
+    return got, max(put - got, 0), max(depth_bytes, 0)
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _holder(bus: str) -> str:
+    """' (pid N)' for the router holding the bus, when its segment says so."""
+    try:
+        segment = _bus.open_bus_segment(bus)
+    except ShmqError:
+        return ""
+    try:
+        return f" (pid {_bus.u64(segment.mapping, OFF_ROUTER_PID)})"
+    finally:
+        segment.close()
+
+
+# -- running a router --------------------------------------------------------------------------------
+
+
+def serve(
+    bus: str,
+    *,
+    wait: str = "adaptive",
+    spin_ns: int = _ring.DEFAULT_SPIN_NS,
+    max_publishers: int = 256,
+    max_subscribers: int = 256,
+    max_topics: int = 16384,
+    last_value: bool = True,
+    ready: Any = None,
+    handle_signals: bool = True,
+) -> None:
+    """Run a router for `bus` in this process until SIGINT or SIGTERM (then it cleans up and returns).
+
+    `shmq router BUS` calls this. Raises AlreadyExists if a router already serves the bus.
+    """
+    validate_bus(bus)
+    if wait not in WAITS:
+        raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
+    for name, value in (
+        ("max_publishers", max_publishers),
+        ("max_subscribers", max_subscribers),
+        ("max_topics", max_topics),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
+            raise InvalidArgument(f"{name} must be an int from 1 to {1 << 20}, got {value!r}")
+    core = _RouterCore(
+        bus,
+        wait=wait,
+        spin_ns=spin_ns,
+        max_publishers=max_publishers,
+        max_subscribers=max_subscribers,
+        max_topics=max_topics,
+        last_value=last_value,
+    )
+    previous: dict[signal.Signals, Any] = {}
+
+    def stop(signum: int, frame: Any) -> None:
+        core.stopping.set()
+        core.forwarder.stop()
+
+    try:
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, stop)
+        core.serve(ready)
+    finally:
+        core.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _child_main(argv: list[str]) -> None:
+    """The body of a `Router` child process; argv is BUS OPTIONS_JSON FD.
+
+    Reports one line on file descriptor FD: ``ready`` once clients can connect, or
+    ``error <class> <message>``. (A fresh interpreter rather than multiprocessing: it works from
+    any script, notebook or REPL, with no ``if __name__ == "__main__"`` guard needed.)"""
+    bus, options, fd = argv[0], json.loads(argv[1]), int(argv[2])
+    logging.basicConfig(level=options.pop("log_level", logging.WARNING), format="%(name)s: %(message)s")
+    report = os.fdopen(fd, "w", buffering=1)
+
+    def ready() -> None:
+        report.write("ready\n")
+        report.close()
+
+    try:
+        serve(bus, ready=ready, **options)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            report.write(f"error {type(exc).__name__} {exc}\n".replace("\n", " ").rstrip() + "\n")
+            report.close()
+        raise SystemExit(1) from None
+
+
+class Router:
+    """A router for `bus` in a child process: ``with shmq.Router("md"): ...``.
+
+    ``start()`` returns once clients can connect (raises AlreadyExists if another router serves
+    the bus); ``stop()`` ends it cleanly (SIGTERM; SIGKILL after `timeout`). Options are those of
+    `serve`: ``wait`` ("adaptive" spins 50 µs then sleeps; "spin" for the lowest latency, burning
+    a core), ``max_publishers``, ``max_subscribers``, ``max_topics``, ``last_value`` (keep each
+    topic's newest message for subscribers that ask for it).
+    """
+
+    def __init__(self, bus: str, **options: Any) -> None:
+        self.bus = validate_bus(bus)
+        self.options = options
+        self._process: Any = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 10.0) -> Router:
+        if self.is_alive():
+            raise InvalidArgument(f"the router for bus {self.bus!r} is already started (pid {self.pid})")
+        read_fd, write_fd = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from shmq.router import _child_main; _child_main(sys.argv[1:])",
+                    self.bus,
+                    json.dumps(self.options),
+                    str(write_fd),
+                ],
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(write_fd)
+        with os.fdopen(read_fd) as report:
+            ready, _, _ = select.select([report], [], [], timeout)
+            line = report.readline().strip() if ready else ""
+        if line == "ready":
+            self._process = process
+            return self
+        if not ready:
+            process.kill()
+        process.wait(10)
+        kind, _, message = line.partition(" ")[2].partition(" ")
+        if kind == "AlreadyExists":
+            raise AlreadyExists(message)
+        if not line:
+            raise RouterUnavailable(
+                f"the router for bus {self.bus!r} did not start within {timeout} s "
+                f"(exit code {process.returncode})"
+            )
+        raise RouterUnavailable(f"the router for bus {self.bus!r} failed to start: {kind}: {message}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the router (it removes its bus segment); clients wait for the next one."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL the router (tests use this to play a crash)."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait(10)
+
+    def __enter__(self) -> Router:
+        if not self.is_alive():
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.is_alive() else "stopped"
+        return f"<shmq.Router bus={self.bus!r} {state}>"
