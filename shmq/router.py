@@ -91,6 +91,7 @@ class _Publisher:
     segment: Segment
     link: LineSocket | None
     gone: bool = False  # its connection ended: drain its ring, then forget it
+    corrupt: bool = False  # isolated: its ring is not read any more
 
 
 @dataclass
@@ -282,6 +283,7 @@ class _RouterCore:
         log.error("bus %r: isolating publisher ring %d: %s", self.bus, input_id, why)
         publisher = self.publishers.get(input_id)
         if publisher is not None:
+            publisher.corrupt = True
             self._slot_state(publisher, SLOT_CORRUPT)
             if publisher.link is not None:
                 with contextlib.suppress(OSError):
@@ -395,7 +397,8 @@ class _RouterCore:
         if isinstance(client, _Publisher):
             client.link = None
             client.gone = True
-            self._slot_state(client, SLOT_DRAINING)
+            if not client.corrupt:
+                self._slot_state(client, SLOT_DRAINING)
             self.forwarder.wake()
         elif isinstance(client, _Subscriber):
             self._remove_subscriber(client)
@@ -572,7 +575,7 @@ class _RouterCore:
             put_u64(m, off + 40, max(depth, 0))
             put_u64(m, off + 48, info[1])
             put_u64(m, off + 56, info[2])
-            if pub.gone and depth <= 0:
+            if pub.gone and (depth <= 0 or pub.corrupt):
                 self._forget_publisher(pub)
         for sub in self.subscribers.values():
             off = self._sub_slot_offset(sub.slot)
