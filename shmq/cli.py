@@ -1,17 +1,51 @@
-"""The ``shmq`` command."""
+"""The ``shmq`` command.
+
+Queues: ``shmq ls``, ``shmq rm``, ``shmq demo``. Pub/sub: ``shmq router`` (run a bus's router in
+the foreground), ``shmq pub`` (publish from the command line or stdin), ``shmq sub`` (print what
+arrives, as text or JSON lines).
+
+Exit codes: 0 success; 1 the operation failed (no router, a second router, a timeout, the router
+did not take every message); 2 bad input (click's usage errors, and a bad bus name, topic,
+pattern, ``--where`` filter or header); 130 ``shmq pub`` interrupted (what it published before is
+flushed first). Errors are one ``shmq <command>: ...`` message on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
+from typing import Any, NoReturn
 
 import click
 import psutil
 
-from shmq._errors import ShmqError
-from shmq._segment import SegmentInfo, read_info
+from shmq import _bus
+from shmq._bus import BusStats, bus_stats
+from shmq._errors import (
+    AlreadyExists,
+    Full,
+    InvalidFilter,
+    InvalidTopic,
+    RouterUnavailable,
+    ShmqError,
+)
+from shmq._segment import SegmentInfo, read_info, segment_path
+from shmq.pubsub import Message, Publisher, Subscriber
+from shmq.queue import WAITS
 from shmq.testing import list_segments, remove_segment
+
+#: Exit codes (see the module docstring).
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def creator_alive(info: SegmentInfo) -> bool:
@@ -24,10 +58,24 @@ def creator_alive(info: SegmentInfo) -> bool:
     return bool(started <= info.created_ns / 1e9 + 1.0)
 
 
+def fail(command: str, message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Say what went wrong on stderr, as ``shmq <command>: <message>``, and exit with `code`."""
+    click.echo(f"shmq {command}: {message}", err=True)
+    raise SystemExit(code)
+
+
+def usage_code(exc: ShmqError) -> int:
+    """Bad input (a name, topic, pattern, filter or header) is a usage error; the rest a failure."""
+    return EXIT_USAGE if isinstance(exc, ValueError | TypeError) else EXIT_FAILED
+
+
 @click.group()
 @click.version_option(package_name="shmq")
 def main() -> None:
-    """shmq: shared-memory message queues. Segments live in /dev/shm as shmq.<name>."""
+    """shmq: shared-memory message queues and pub/sub. Segments live in /dev/shm as shmq.<name>.
+
+    Exit codes: 0 success, 1 failure (no router, a timeout, ...), 2 bad input.
+    """
 
 
 @main.command()
@@ -40,33 +88,120 @@ def demo(rounds: int, messages: int) -> None:
     raise SystemExit(demo_module.main(["--rounds", str(rounds), "--messages", str(messages)]))
 
 
+# -- ls and rm ---------------------------------------------------------------------------------------
+
+
+def _is_bus_segment(name: str) -> bool:
+    """True if `name` is a bus segment (a router's: statistics and doorbell), by its magic number."""
+    if not name.startswith("bus."):
+        return False
+    try:
+        with open(segment_path(name), "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return len(head) == 8 and _bus.u64(head, _bus.OFF_MAGIC) == _bus.BUS_MAGIC
+
+
+def _bus_row(name: str) -> dict[str, Any]:
+    """An ``ls --json`` row for a bus segment: the keys of a queue's row, and the bus's own."""
+    bus = name[len("bus.") :]
+    path = segment_path(name)
+    try:
+        st = os.stat(path)
+        size, owner_uid, mode = st.st_size, st.st_uid, st.st_mode & 0o777
+    except OSError:
+        size = owner_uid = mode = 0
+    row: dict[str, Any] = {
+        "name": name,
+        "path": path,
+        "size": size,
+        "valid": False,
+        "problem": "",
+        "kind": "bus",
+        "capacity": 0,
+        "creator_pid": 0,
+        "created_ns": 0,
+        "depth_messages": 0,
+        "depth_bytes": 0,
+        "owner_uid": owner_uid,
+        "mode": mode,
+        "creator_alive": False,
+        "bus": bus,
+    }
+    try:
+        stats: BusStats = bus_stats(bus)
+    except (ShmqError, OSError) as exc:
+        row["problem"] = str(exc)
+        return row
+    row.update(
+        valid=True,
+        creator_pid=stats.router_pid,
+        created_ns=stats.started_ns,
+        creator_alive=stats.router_alive,
+        depth_messages=sum(p.depth_messages for p in stats.publishers)
+        + sum(s.depth_messages for s in stats.subscribers),
+        depth_bytes=sum(p.depth_bytes for p in stats.publishers)
+        + sum(s.depth_bytes for s in stats.subscribers),
+        router_pid=stats.router_pid,
+        router_alive=stats.router_alive,
+        publishers=len(stats.publishers),
+        subscribers=len(stats.subscribers),
+        topics=len(stats.topics) + stats.untracked_topics,
+        messages=stats.messages,
+        deliveries=stats.deliveries,
+        drops=stats.drops,
+    )
+    if not stats.router_alive:
+        row["problem"] = "its router is gone (remove it with `shmq rm`, or start a router on the bus)"
+    return row
+
+
+def _queue_row(info: SegmentInfo) -> dict[str, Any]:
+    return {**asdict(info), "creator_alive": creator_alive(info)}
+
+
 @main.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per segment, for scripts.")
 def list_command(as_json: bool) -> None:
-    """List every shmq segment on this machine."""
-    infos = []
+    """List every shmq segment on this machine.
+
+    Queues (and the rings of pub/sub clients, bus.<BUS>.p.* and bus.<BUS>.s.*) show their kind,
+    capacity, depth and creator; a bus segment (bus.<BUS>, made by `shmq router BUS`) shows kind
+    "bus", its router's pid and whether it runs, and its publisher, subscriber and topic counts.
+    """
+    rows: list[dict[str, Any]] = []
     for name in list_segments():
+        if _is_bus_segment(name):
+            rows.append(_bus_row(name))
+            continue
         try:
-            infos.append(read_info(name))
+            rows.append(_queue_row(read_info(name)))
         except ShmqError as exc:
             click.echo(f"{name}: {exc}", err=True)
     if as_json:
-        for info in infos:
-            click.echo(json.dumps({**asdict(info), "creator_alive": creator_alive(info)}))
+        for row in rows:
+            click.echo(json.dumps(row))
         return
-    if not infos:
+    if not rows:
         click.echo("no shmq segments")
         return
     click.echo(f"{'NAME':40} {'KIND':5} {'CAPACITY':>10} {'QUEUED':>8} {'CREATOR':>8} {'ALIVE':5} CREATED")
-    for info in infos:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_ns / 1e9))
-        kind = info.kind if info.valid else "BAD"
-        alive = "yes" if creator_alive(info) else "no"
+    for row in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_ns"] / 1e9))
+        kind = row["kind"] if row["valid"] else "BAD"
+        alive = "yes" if row["creator_alive"] else "no"
+        capacity = "-" if row["kind"] == "bus" else row["capacity"]
         line = (
-            f"{info.name:40} {kind:5} {info.capacity:>10} {info.depth_messages:>8} "
-            f"{info.creator_pid:>8} {alive:5} {created}"
+            f"{row['name']:40} {kind:5} {capacity:>10} {row['depth_messages']:>8} "
+            f"{row['creator_pid']:>8} {alive:5} {created}"
         )
-        click.echo(line + (f"  ({info.problem})" if info.problem else ""))
+        if row["kind"] == "bus" and row["valid"]:
+            line += (
+                f"  (router of bus {row['bus']!r}: {row['publishers']} publishers, "
+                f"{row['subscribers']} subscribers, {row['topics']} topics, {row['messages']} messages)"
+            )
+        click.echo(line + (f"  ({row['problem']})" if row["problem"] else ""))
 
 
 @main.command("rm")
@@ -77,6 +212,489 @@ def remove_command(names: tuple[str, ...]) -> None:
     for n in missing:
         click.echo(f"shmq: no segment named {n!r}", err=True)
     raise SystemExit(1 if missing else 0)
+
+
+# -- pub/sub -----------------------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Inside: SIGTERM raises KeyboardInterrupt like Ctrl-C does, so clients close cleanly."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _log_to_stderr(logger: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+@main.command("router")
+@click.argument("bus")
+@click.option(
+    "--wait",
+    type=click.Choice(list(WAITS)),
+    default="adaptive",
+    show_default=True,
+    help="How the router waits for messages: adaptive spins ~50 µs then sleeps; spin burns a core.",
+)
+@click.option("--max-publishers", type=click.IntRange(1, 1 << 20), default=256, show_default=True)
+@click.option("--max-subscribers", type=click.IntRange(1, 1 << 20), default=256, show_default=True)
+@click.option(
+    "--max-topics",
+    type=click.IntRange(1, 1 << 20),
+    default=16384,
+    show_default=True,
+    help="Topics with statistics (more are routed, without them).",
+)
+@click.option(
+    "--no-last-value",
+    is_flag=True,
+    help="Do not keep each topic's newest message (for subscribers that ask with --last-value).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log clients arriving and leaving (to stderr).")
+def router_command(
+    bus: str,
+    wait: str,
+    max_publishers: int,
+    max_subscribers: int,
+    max_topics: int,
+    no_last_value: bool,
+    verbose: bool,
+) -> None:
+    """Run the router of BUS in the foreground until Ctrl-C or SIGTERM.
+
+    Prints one line once publishers and subscribers can connect (scripts can wait for it), and
+    one when it stopped; it removes its bus segment on the way out (exit code 0). A second router
+    on a bus that has one exits with code 1.
+    """
+    from shmq.router import serve
+
+    if verbose:
+        _log_to_stderr("shmq.router")
+    # Until serve() installs its own handlers, a signal is remembered and replayed once it has:
+    # stopping then is a clean stop, not a death that leaves the bus segment behind.
+    pending: list[int] = []
+
+    def remember(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def ready() -> None:
+        click.echo(f"shmq router: serving bus {bus!r} (pid {os.getpid()}); Ctrl-C to stop")
+        if pending:
+            os.kill(os.getpid(), pending[0])
+
+    try:
+        serve(
+            bus,
+            wait=wait,
+            max_publishers=max_publishers,
+            max_subscribers=max_subscribers,
+            max_topics=max_topics,
+            last_value=not no_last_value,
+            ready=ready,
+        )
+    except AlreadyExists as exc:
+        fail("router", str(exc))
+    except ShmqError as exc:
+        fail("router", str(exc), usage_code(exc))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo(f"shmq router: stopped serving bus {bus!r}")
+
+
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def header_value(text: str) -> str | int | float | bool:
+    """A ``--header`` value: an int, a float, true/false as a bool, else the text as a str.
+
+    Numbers are read as a ``where=`` filter reads its literals (``42``, ``-7``, ``1.5``, ``2e-3``;
+    not ``nan``, ``inf``, ``1_000`` or `` 1``, which stay strings); true and false in any case.
+    """
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        number = float(text)
+        return number if math.isfinite(number) else text
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def _split_header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _parse_headers(typed: tuple[str, ...], strings: tuple[str, ...]) -> dict[str, object]:
+    headers: dict[str, object] = {}
+    for item in typed:
+        key, value = _split_header(item)
+        headers[key] = header_value(value)
+    for item in strings:
+        key, value = _split_header(item)
+        headers[key] = value
+    return headers
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    """Each line of stdin as bytes, without its line ending (\\n or \\r\\n)."""
+    for line in sys.stdin.buffer:
+        if line.endswith(b"\n"):
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        yield line
+
+
+@main.command("pub")
+@click.argument("bus")
+@click.argument("topic")
+@click.argument("message", required=False)
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A header (repeatable). VALUE becomes an int, a float, a bool (true/false) or else a str.",
+)
+@click.option(
+    "--header-str",
+    "string_headers",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A header whose VALUE stays a str, whatever it looks like (e.g. --header-str id=007).",
+)
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Publish each message N times.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds a publish may wait for room (a slow on_full=block subscriber) or for a router that "
+    "went away, and the final flush may wait for the router to take everything.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for the router at start.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Print each message's sequence number.")
+def pub_command(
+    bus: str,
+    topic: str,
+    message: str | None,
+    headers: tuple[str, ...],
+    string_headers: tuple[str, ...],
+    count: int,
+    timeout: float,
+    connect_timeout: float,
+    verbose: bool,
+) -> None:
+    """Publish MESSAGE (UTF-8) on TOPIC of BUS; with - (or no MESSAGE and stdin not a terminal),
+    publish each line of stdin as one message, without its line ending.
+
+    \b
+    Headers (for subscribers' --where filters), -H KEY=VALUE: VALUE is read as
+      an int        42, -7
+      a float       1.5, 2e-3
+      a bool        true, false (any case)
+      else a str    XNAS, 1_000, nan
+    --header-str KEY=VALUE keeps VALUE a str (--header-str id=007 is '007', not 7).
+
+    Prints nothing unless -v (then each sequence number). Waits until the router has taken every
+    message before exiting. Exits 1 if no router runs on BUS or a message could not be
+    published within --timeout, 2 on a bad topic or header, 130 on Ctrl-C (after flushing).
+    """
+    try:
+        parsed = _parse_headers(headers, string_headers)
+    except click.BadParameter as exc:
+        fail("pub", f"bad header: {exc.message}", EXIT_USAGE)
+    if message is None and (sys.stdin is None or sys.stdin.isatty()):
+        fail("pub", "give a MESSAGE, or - to publish each line of stdin", EXIT_USAGE)
+    from shmq.topics import validate_topic
+
+    try:  # check what the user typed before connecting: bad input is not a missing router
+        validate_topic(topic)
+        _bus.validate_bus(bus)
+        _wire_check(parsed)
+    except ShmqError as exc:
+        fail("pub", str(exc), usage_code(exc))
+    with _sigterm_interrupts():
+        try:
+            publisher = Publisher(bus, connect_timeout=connect_timeout)
+        except KeyboardInterrupt:
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except ShmqError as exc:
+            fail("pub", str(exc), usage_code(exc))
+        published = 0
+        code = 0
+        try:
+            payloads: Iterator[bytes] = (
+                iter((message.encode("utf-8", "surrogateescape"),))
+                if message is not None and message != "-"
+                else _stdin_lines()
+            )
+            for payload in payloads:
+                for _ in range(count):
+                    seq = publisher.publish(topic, payload, headers=parsed or None, timeout=timeout)
+                    published += 1
+                    if verbose:
+                        click.echo(str(seq))
+        except KeyboardInterrupt:
+            code = EXIT_INTERRUPTED
+        except (Full, RouterUnavailable) as exc:
+            code = EXIT_FAILED
+            click.echo(f"shmq pub: {exc} ({published} published before)", err=True)
+        except ShmqError as exc:
+            code = usage_code(exc)
+            click.echo(f"shmq pub: {exc}", err=True)
+        finally:
+            if not _close_publisher(publisher, timeout) and not code:
+                code = EXIT_FAILED
+    raise SystemExit(code)
+
+
+def _wire_check(headers: dict[str, object]) -> None:
+    """Raise what publishing these headers would (a key too long, an int beyond 64 bits)."""
+    from shmq._wire import encode_headers
+
+    encode_headers(headers)
+
+
+def _close_publisher(publisher: Publisher, timeout: float) -> bool:
+    """Wait for the router to take everything, then detach; False (and say so) if it did not."""
+    try:
+        if publisher.connected and publisher.flush(timeout):
+            return True
+        left = publisher.stats().depth_messages
+        if left:
+            click.echo(
+                f"shmq pub: the router did not take {left} message(s) within {timeout} s; they are lost",
+                err=True,
+            )
+        return not left
+    finally:
+        quiet = logging.getLogger("shmq.pubsub")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its "closing with N messages" warning: said above already
+        try:
+            publisher.close(linger=0)
+        finally:
+            quiet.setLevel(level)
+
+
+def _json_value(value: object) -> object:
+    """A header value as strict JSON has it (NaN and the infinities become strings)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _text(data: bytes) -> str | None:
+    """The payload as text if it is UTF-8 with no control characters (tab aside), else None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if any(c != "\t" and not c.isprintable() for c in text):
+        return None
+    return text
+
+
+def format_json(msg: Message, latency_ns: int) -> str:
+    """One JSON object: topic, seq, timestamp_ns, latency_ns, headers, data (and encoding: base64
+    when the payload is not UTF-8; last_value: true for a topic's newest message replayed)."""
+    data = msg.data
+    row: dict[str, object] = {
+        "topic": msg.topic,
+        "seq": msg.seq,
+        "timestamp_ns": msg.timestamp_ns,
+        "latency_ns": latency_ns,
+        "headers": {k: _json_value(v) for k, v in msg.headers.items()},
+    }
+    try:
+        row["data"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        row["data"] = base64.b64encode(data).decode("ascii")
+        row["encoding"] = "base64"
+    if msg.last_value:
+        row["last_value"] = True
+    return json.dumps(row, allow_nan=False)
+
+
+def format_text(msg: Message, latency_ns: int) -> str:
+    """``TOPIC seq=N latency=12.3µs [last-value] [{headers}] PAYLOAD`` on one line: the payload as
+    text if it is printable UTF-8, else as a bytes literal (b'\\x00...')."""
+    parts = [msg.topic, f"seq={msg.seq}", f"latency={latency_ns / 1000:.1f}µs"]
+    if msg.last_value:
+        parts.append("last-value")
+    headers = msg.headers
+    if headers:
+        parts.append(json.dumps({k: _json_value(v) for k, v in headers.items()}, allow_nan=False))
+    text = _text(msg.data)
+    parts.append(repr(msg.data) if text is None else text)
+    return " ".join(parts)
+
+
+@main.command("sub")
+@click.argument("bus")
+@click.argument("patterns", nargs=-1, required=True)
+@click.option("--where", metavar="EXPR", help="Filter on headers, e.g. \"venue == 'XNAS' and px > 10\".")
+@click.option("--group", metavar="NAME", help="Share the messages with the other members of this group.")
+@click.option("-n", "--count", type=click.IntRange(min=1), help="Exit 0 after N messages.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    help="Stop when no message arrived for this many seconds: exit 0, or 1 if --count was not reached.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.option(
+    "--on-full",
+    type=click.Choice(list(_bus.POLICIES)),
+    default="block",
+    show_default=True,
+    help="What the router does when this subscriber is behind and its ring is full.",
+)
+@click.option("--last-value", is_flag=True, help="First receive the newest message of every matching topic.")
+@click.option(
+    "--capacity",
+    type=int,
+    default=1 << 20,
+    show_default=True,
+    help="Ring size in bytes (a power of two).",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for the router at start.",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Say on stderr when subscribed (scripts can wait for that line), reconnections, and a summary.",
+)
+def sub_command(
+    bus: str,
+    patterns: tuple[str, ...],
+    where: str | None,
+    group: str | None,
+    count: int | None,
+    timeout: float | None,
+    as_json: bool,
+    on_full: str,
+    last_value: bool,
+    capacity: int,
+    connect_timeout: float,
+    verbose: bool,
+) -> None:
+    """Print the messages of BUS whose topics match a PATTERN (* one token, > the rest), one line
+    each, flushed as it arrives.
+
+    \b
+    Text:  TOPIC seq=N latency=12.3µs [last-value] [{headers as JSON}] PAYLOAD
+           (PAYLOAD as text if it is printable UTF-8, else as a bytes literal b'...')
+    JSON:  {"topic", "seq", "timestamp_ns", "latency_ns", "headers", "data"}, with
+           "encoding": "base64" when the payload is not UTF-8 (data is then base64) and
+           "last_value": true for a replayed last value.
+    latency = time.monotonic_ns() on receipt - the publisher's timestamp_ns (one way).
+
+    Ends with exit 0 after --count messages, on Ctrl-C or SIGTERM, or when --timeout passes with no
+    message and no --count was given; exit 1 if --timeout passes before --count is reached or no
+    router runs on BUS; 2 on a bad pattern or --where filter.
+    """
+    if verbose:
+        _log_to_stderr("shmq.pubsub")
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    received = 0
+    with _sigterm_interrupts():
+        try:
+            subscriber = Subscriber(
+                bus,
+                list(patterns),
+                where=where,
+                group=group,
+                on_full=on_full,
+                capacity=capacity,
+                last_value=last_value,
+                connect_timeout=connect_timeout,
+            )
+        except KeyboardInterrupt:
+            raise SystemExit(0) from None
+        except InvalidFilter as exc:
+            fail("sub", f"bad --where filter: {exc}", EXIT_USAGE)
+        except InvalidTopic as exc:
+            fail("sub", f"bad pattern: {exc}", EXIT_USAGE)
+        except ShmqError as exc:
+            fail("sub", str(exc), usage_code(exc))
+        code = 0
+        try:
+            if verbose:
+                click.echo(f"shmq sub: subscribed to {list(patterns)} on bus {bus!r}", err=True)
+            formatter = format_json if as_json else format_text
+            while count is None or received < count:
+                batch = subscriber.recv_many(
+                    max_messages=1024 if count is None else min(1024, count - received), timeout=timeout
+                )
+                now = time.monotonic_ns()
+                if not batch:  # only a timeout returns nothing
+                    if count is not None:
+                        click.echo(
+                            f"shmq sub: no message for {timeout} s; got {received} of {count}", err=True
+                        )
+                        code = EXIT_FAILED
+                    break
+                for msg in batch:
+                    sys.stdout.write(formatter(msg, now - msg.timestamp_ns) + "\n")
+                    sys.stdout.flush()
+                    received += 1
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:  # the reader went away (| head): nothing more to say
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+        except ShmqError as exc:
+            code = EXIT_FAILED
+            click.echo(f"shmq sub: {exc}", err=True)
+        finally:
+            stats = None
+            if verbose:
+                with contextlib.suppress(ShmqError):
+                    stats = subscriber.stats()
+            subscriber.close()
+        if stats is not None:
+            click.echo(f"shmq sub: received {received}, dropped {stats.drops} (router's count)", err=True)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -755,6 +756,16 @@ def _child_main(argv: list[str]) -> None:
         raise SystemExit(1) from None
 
 
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 class Router:
     """A router for `bus` in a child process: ``with shmq.Router("md"): ...``.
 
@@ -769,6 +780,7 @@ class Router:
         self.bus = validate_bus(bus)
         self.options = options
         self._process: Any = None
+        self._finalizer: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -801,6 +813,9 @@ class Router:
             line = report.readline().strip() if ready else ""
         if line == "ready":
             self._process = process
+            # A Router forgotten without stop() (an exception, a failed test) must not leave its
+            # child serving the bus after this interpreter exits.
+            self._finalizer = weakref.finalize(self, _terminate, process)
             return self
         if not ready:
             process.kill()
@@ -820,6 +835,7 @@ class Router:
         process, self._process = self._process, None
         if process is None:
             return
+        self._finalizer.detach()
         if process.poll() is None:
             process.terminate()
             try:
@@ -832,6 +848,7 @@ class Router:
         """SIGKILL the router (tests use this to play a crash)."""
         process, self._process = self._process, None
         if process is not None:
+            self._finalizer.detach()
             process.kill()
             process.wait(10)
 

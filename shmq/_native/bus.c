@@ -522,6 +522,8 @@ static void output_unref(shmq_forwarder *f, fwd_output *o)
 uint32_t shmq_fwd_reap(shmq_forwarder *f, uint32_t *ids, uint32_t max)
 {
     uint32_t n = f->nreaped < max ? f->nreaped : max;
+    if (n == 0)
+        return 0;
     memcpy(ids, f->reaped, n * sizeof *ids);
     memmove(f->reaped, f->reaped + n, (f->nreaped - n) * sizeof *ids);
     f->nreaped -= n;
