@@ -32,7 +32,7 @@ from typing import Any
 from shmq import _errors
 from shmq._errors import CorruptSegment, IncompatibleSegment, InvalidArgument, NotFound
 from shmq._native import _ring
-from shmq._segment import Segment, validate_name
+from shmq._segment import Segment
 
 PROTOCOL_VERSION = 1
 BUS_MAGIC = 0x0053554251514D48  # bus.h SHMQ_BUS_MAGIC
@@ -73,7 +73,11 @@ def validate_bus(bus: object) -> str:
         raise _errors.ArgumentTypeError(f"a bus name must be a str, got {type(bus).__name__}")
     if not bus or len(bus) > MAX_BUS_NAME:
         raise InvalidArgument(f"a bus name must have 1 to {MAX_BUS_NAME} characters, got {len(bus)}")
-    validate_name(bus)
+    bad = [c for c in bus if c in "/\\\0" or not c.isprintable() or c.isspace()]
+    if bad:
+        raise InvalidArgument(
+            f"bus name {bus!r} contains {bad[0]!r}; use letters, digits and . _ - (no '/', no spaces)"
+        )
     return bus
 
 
@@ -190,8 +194,8 @@ class SubscriberStats:
 class TopicStats:
     topic: str
     messages: int  #: published messages the router routed
-    bytes: int  #: their payload bytes (whole messages, headers included)
-    deliveries: int  #: copies written to subscribers (group deliveries count once)
+    bytes: int  #: their bytes as carried: 32-byte message header, topic, headers and payload
+    deliveries: int  #: copies written into subscriber rings (a group delivery counts once)
     drops: int
     last_seq: int
     last_timestamp_ns: int

@@ -144,8 +144,8 @@ class SegmentInfo:
     size: int
     valid: bool  #: magic and version are shmq's
     problem: str  #: why not valid ("" when valid)
-    kind: str
-    capacity: int
+    kind: str  #: spsc, mpsc, mpmc, or bus (a router's bus segment)
+    capacity: int  #: ring bytes (a bus segment: its size)
     creator_pid: int
     created_ns: int
     depth_messages: int
@@ -177,7 +177,26 @@ def read_info(name: str) -> SegmentInfo:
     def u32(off: int) -> int:
         return int(struct.unpack_from("<I", head, off)[0]) if len(head) >= off + 4 else 0
 
+    from shmq._bus import BUS_MAGIC, BUS_VERSION
+
     problem = ""
+    if len(head) >= 1024 and u64(0) == BUS_MAGIC:  # a router's bus segment (shmq/_bus.py)
+        version = u32(8)
+        return SegmentInfo(
+            name=name,
+            path=path,
+            size=st.st_size,
+            valid=version == BUS_VERSION,
+            problem="" if version == BUS_VERSION else f"bus layout version {version}",
+            kind="bus",
+            capacity=st.st_size,
+            creator_pid=u64(16),  # the router
+            created_ns=u64(24),
+            depth_messages=0,
+            depth_bytes=0,
+            owner_uid=st.st_uid,
+            mode=st.st_mode & 0o777,
+        )
     if len(head) < 1024:
         problem = f"only {st.st_size} bytes"
     elif u64(_ring.OFF_MAGIC) == 0:

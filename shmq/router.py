@@ -707,28 +707,37 @@ def serve(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
             raise InvalidArgument(f"{name} must be an int from 1 to {1 << 20}, got {value!r}")
-    core = _RouterCore(
-        bus,
-        wait=wait,
-        spin_ns=spin_ns,
-        max_publishers=max_publishers,
-        max_subscribers=max_subscribers,
-        max_topics=max_topics,
-        last_value=last_value,
-    )
+    stop_requested = threading.Event()
+    core: _RouterCore | None = None
     previous: dict[signal.Signals, Any] = {}
 
     def stop(signum: int, frame: Any) -> None:
-        core.stopping.set()
-        core.forwarder.stop()
+        stop_requested.set()
+        if core is not None:
+            core.stopping.set()
+            core.forwarder.stop()
 
+    # Handlers first: a SIGTERM while the router sets up still ends in a clean close.
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, stop)
     try:
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, stop)
-        core.serve(ready)
+        core = _RouterCore(
+            bus,
+            wait=wait,
+            spin_ns=spin_ns,
+            max_publishers=max_publishers,
+            max_subscribers=max_subscribers,
+            max_topics=max_topics,
+            last_value=last_value,
+        )
+        try:
+            if stop_requested.is_set():
+                core.stopping.set()
+            core.serve(ready)
+        finally:
+            core.close()
     finally:
-        core.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

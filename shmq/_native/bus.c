@@ -626,6 +626,8 @@ static int try_write(fwd_output *o, shmq_forwarder *f, const uint8_t *frame, uin
         commit_output(o);
     stat_add(o->stats, SHMQ_SS_DELIVERED, 1);
     stat_add(o->stats, SHMQ_SS_BYTES, len);
+    if (topic < f->ntopics && f->topics[topic])
+        stat_add(f->topics[topic]->stats, SHMQ_TS_DELIVERIES, 1);
     count(f, SHMQ_C_DELIVERIES, 1);
     return 1;
 }
@@ -1034,7 +1036,7 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
         r = t->route;
         start = 0;
         stat_add(t->stats, SHMQ_TS_MESSAGES, 1);
-        stat_add(t->stats, SHMQ_TS_BYTES, m->payload_len);
+        stat_add(t->stats, SHMQ_TS_BYTES, len);
         stat_set(t->stats, SHMQ_TS_LAST_SEQ, m->seq);
         stat_set(t->stats, SHMQ_TS_LAST_TIMESTAMP, m->timestamp_ns);
         if (t->keep_last)
@@ -1052,7 +1054,6 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
             in->stall_len = len;
             return STALL;
         }
-        stat_add(t->stats, SHMQ_TS_DELIVERIES, 1);
     }
     if (in->stalled) {
         route_unref(f, in->stall_route);
