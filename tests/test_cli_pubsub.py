@@ -263,7 +263,7 @@ def test_router_rejects_bad_options(bus: str) -> None:
     assert run_cli("router", bus, "--wait", "sometimes").returncode == 2
     assert run_cli("router", bus, "--max-topics", "0").returncode == 2
     bad = run_cli("router", "has space")
-    assert bad.returncode == 2 and bad.stderr.startswith("shmq router: queue name 'has space' contains"), bad
+    assert bad.returncode == 2 and bad.stderr.startswith("shmq router: bus name 'has space' contains"), bad
     assert "Traceback" not in bad.stderr
 
 
