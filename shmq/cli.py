@@ -79,13 +79,28 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--rounds", default=50_000, show_default=True, help="Ping-pong round trips per row.")
-@click.option("--messages", default=1_000_000, show_default=True, help="Messages per throughput row.")
-def demo(rounds: int, messages: int) -> None:
-    """Ping-pong latency and throughput between two processes, beside multiprocessing.Queue."""
+@click.option("--seconds", default=5.0, show_default=True, help="How long the feed publishes.")
+@click.option("--rate", default=20_000, show_default=True, help="Ticks per second the feed publishes.")
+@click.option(
+    "--queue",
+    "queue_demo",
+    is_flag=True,
+    help="Run the queue demo instead: ping-pong and throughput beside multiprocessing.Queue.",
+)
+@click.option("--rounds", default=50_000, show_default=True, help="--queue: ping-pong round trips per row.")
+@click.option(
+    "--messages", default=1_000_000, show_default=True, help="--queue: messages per throughput row."
+)
+def demo(seconds: float, rate: int, queue_demo: bool, rounds: int, messages: int) -> None:
+    """Market data through a router to wildcard, filtered, conflating and queue-group subscribers:
+    latency percentiles and correctness checks (--queue: the queue demo)."""
     from shmq import demo as demo_module
 
-    raise SystemExit(demo_module.main(["--rounds", str(rounds), "--messages", str(messages)]))
+    if queue_demo:
+        argv = ["--queue", "--rounds", str(rounds), "--messages", str(messages)]
+    else:
+        argv = ["--seconds", str(seconds), "--rate", str(rate)]
+    raise SystemExit(demo_module.main(argv))
 
 
 # -- ls and rm ---------------------------------------------------------------------------------------

@@ -742,6 +742,21 @@ def serve(
             signal.signal(sig, handler)
 
 
+# The child ignores Ctrl-C while it imports (the parent's stop() ends it; serve() then installs
+# its own handler), so an early Ctrl-C in a terminal prints no traceback from it.
+_CHILD_CODE = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "from shmq.router import _child_main; _child_main(sys.argv[1:])"
+)
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this router when the process that started it is gone (even after SIGKILL)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _child_main(argv: list[str]) -> None:
     """The body of a `Router` child process; argv is BUS OPTIONS_JSON FD.
 
@@ -751,6 +766,7 @@ def _child_main(argv: list[str]) -> None:
     bus, options, fd = argv[0], json.loads(argv[1]), int(argv[2])
     logging.basicConfig(level=options.pop("log_level", logging.WARNING), format="%(name)s: %(message)s")
     report = os.fdopen(fd, "w", buffering=1)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="shmq-parent", daemon=True).start()
 
     def ready() -> None:
         report.write("ready\n")
@@ -804,31 +820,26 @@ class Router:
         read_fd, write_fd = os.pipe()
         try:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "import sys; from shmq.router import _child_main; _child_main(sys.argv[1:])",
-                    self.bus,
-                    json.dumps(self.options),
-                    str(write_fd),
-                ],
+                [sys.executable, "-c", _CHILD_CODE, self.bus, json.dumps(self.options), str(write_fd)],
                 pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL,
             )
         finally:
             os.close(write_fd)
-        with os.fdopen(read_fd) as report:
-            ready, _, _ = select.select([report], [], [], timeout)
-            line = report.readline().strip() if ready else ""
+        try:
+            with os.fdopen(read_fd) as report:
+                ready, _, _ = select.select([report], [], [], timeout)
+                line = report.readline().strip() if ready else ""
+        except BaseException:  # Ctrl-C while waiting: no router may outlive a failed start()
+            _terminate(process)
+            raise
         if line == "ready":
             self._process = process
             # A Router forgotten without stop() (an exception, a failed test) must not leave its
             # child serving the bus after this interpreter exits.
             self._finalizer = weakref.finalize(self, _terminate, process)
             return self
-        if not ready:
-            process.kill()
-        process.wait(10)
+        _terminate(process)
         kind, _, message = line.partition(" ")[2].partition(" ")
         if kind == "AlreadyExists":
             raise AlreadyExists(message)

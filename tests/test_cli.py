@@ -79,8 +79,15 @@ def test_rm_removes_and_reports_missing(name: str) -> None:
 
 
 def test_demo_prints_its_tables() -> None:
-    """The main job runs end to end (short) and prints the latency and throughput tables."""
-    result = run_cli("demo", "--rounds", "300", "--messages", "3000", timeout=110)
+    """The main job (the market-data demo) runs end to end, short, and passes its checks."""
+    result = run_cli("demo", "--seconds", "1", timeout=110)
+    assert result.returncode == 0, result.stderr
+    for fragment in ("market-data demo", "p99.9", "wildcard", "risk#3", "checks passed"):
+        assert fragment in result.stdout, result.stdout
+
+
+def test_demo_queue_prints_its_tables() -> None:
+    result = run_cli("demo", "--queue", "--rounds", "300", "--messages", "3000", timeout=110)
     assert result.returncode == 0, result.stderr
     for fragment in ("p50", "p99.9", "shmq spsc, wait=spin", "multiprocessing.Queue", "put_many/get_many"):
         assert fragment in result.stdout, result.stdout

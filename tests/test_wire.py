@@ -23,7 +23,9 @@ from shmq.filters import Filter, Node
 from tests.test_filters import FEW_LITERALS, FEW_NAMES, FEW_TREE, reference
 
 NAN = float("nan")
-ENCODABLE = st.one_of(FEW_LITERALS, st.sampled_from([NAN, math.inf, -math.inf, 1 + 2**60, 2**63 - 1, -(2**63)]))
+ENCODABLE = st.one_of(
+    FEW_LITERALS, st.sampled_from([NAN, math.inf, -math.inf, 1 + 2**60, 2**63 - 1, -(2**63)])
+)
 HEADERS = st.dictionaries(FEW_NAMES, ENCODABLE, max_size=4)
 
 
@@ -64,7 +66,11 @@ def test_headers_round_trip(headers: dict[str, Any]) -> None:
         ("s in ('a', 1)", {"s": 1.0}, True),
         ("s not in ('a', 'b')", {"s": 1}, False),
         # numpy values are stored as the Python numbers they equal
-        ("n > 4 and f < 1.5 and b == true", {"n": np.int64(5), "f": np.float32(1.25), "b": np.bool_(True)}, True),
+        (
+            "n > 4 and f < 1.5 and b == true",
+            {"n": np.int64(5), "f": np.float32(1.25), "b": np.bool_(True)},
+            True,
+        ),
     ],
 )
 def test_native_filter_cases(text: str, headers: dict[str, Any], expected: bool) -> None:
@@ -147,7 +153,11 @@ def test_message_pickles_and_views_without_copy() -> None:
     clone = pickle.loads(pickle.dumps(msg))
     assert clone == msg
     assert (clone.topic, clone.data, clone.seq, clone.timestamp_ns, clone.headers) == (
-        "md.X.A", b"payload", 7, 123, {"p": 1.5}
+        "md.X.A",
+        b"payload",
+        7,
+        123,
+        {"p": 1.5},
     )
     assert clone.publisher_id == 99 and clone.last_value is True
     view = msg.view()
