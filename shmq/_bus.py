@@ -46,7 +46,7 @@ OFF_MAX_PUBLISHERS, OFF_MAX_SUBSCRIBERS, OFF_MAX_TOPICS = 40, 44, 48
 OFF_PUBLISHERS, OFF_SUBSCRIBERS, OFF_TOPICS = 56, 64, 72
 OFF_HEARTBEAT_NS, OFF_TOPICS_USED, OFF_TOPICS_UNTRACKED = 80, 88, 96
 STATE_RUNNING, STATE_STOPPED = 1, 2
-COUNTER_NAMES = ("messages", "bytes", "deliveries", "drops", "stalls", "sleeps", "passes")
+COUNTER_NAMES = ("messages", "bytes", "deliveries", "drops", "stalls", "sleeps", "passes", "redeliveries")
 
 PUBLISHER_SLOT = 128
 SUBSCRIBER_SLOT = 512
@@ -184,7 +184,8 @@ class SubscriberStats:
     received: int  #: messages it has taken from its ring
     depth_messages: int  #: delivered and not yet received
     depth_bytes: int
-    drops: int  #: messages its on_full policy dropped (drop, drop_oldest, conflate)
+    drops: int  #: messages dropped for it: by its on_full policy, or too large for its ring
+    too_large: int  #: of the drops: messages larger than its ring's max_message (any policy)
     filtered: int  #: messages on matching topics that its where= filter rejected
     pending: int  #: messages the router holds for it (conflation, last values not yet written)
     lag: int  #: depth_messages + pending: how many messages it is behind
@@ -216,6 +217,7 @@ class BusStats:
     drops: int
     stalls: int
     sleeps: int  #: times the router went to sleep for lack of work
+    redeliveries: int  #: messages a gone group member left, offered again to the other members
     publishers: tuple[PublisherStats, ...]
     subscribers: tuple[SubscriberStats, ...]
     topics: tuple[TopicStats, ...]
@@ -256,6 +258,8 @@ def read_subscriber(bus: str, buf: Any, off: int, live_ring: Any = None) -> Subs
             counters["depth_messages"],
             counters["depth_bytes"],
         )
+    # drop_oldest: the router takes messages out of the ring too; those were not received.
+    received = max(received - u64(buf, off + 96), 0)
     pending = u64(buf, off + 48)
     return SubscriberStats(
         bus=bus,
@@ -274,6 +278,7 @@ def read_subscriber(bus: str, buf: Any, off: int, live_ring: Any = None) -> Subs
         depth_messages=depth,
         depth_bytes=depth_bytes,
         drops=u64(buf, off + 32),
+        too_large=u64(buf, off + 104),
         filtered=u64(buf, off + 40),
         pending=pending,
         lag=depth + pending,
@@ -357,6 +362,7 @@ def snapshot(bus: str, buf: Any) -> BusStats:
         drops=counters["drops"],
         stalls=counters["stalls"],
         sleeps=counters["sleeps"],
+        redeliveries=counters["redeliveries"],
         publishers=publishers,
         subscribers=subscribers,
         topics=topics,

@@ -50,7 +50,7 @@ from shmq._native._ring import Message
 log = logging.getLogger("shmq.pubsub")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
-_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.01, 0.5
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.01, 0.1
 
 
 class _Link:
@@ -398,7 +398,7 @@ def _pid() -> int:
 def _patterns(patterns: object) -> tuple[str, ...]:
     if isinstance(patterns, str):
         return (validate_pattern(patterns),)
-    if not isinstance(patterns, Iterable):
+    if isinstance(patterns, (bytes, bytearray, memoryview)) or not isinstance(patterns, Iterable):
         raise ArgumentTypeError(f"patterns must be a str or a list of str, got {type(patterns).__name__}")
     out = tuple(validate_pattern(p) for p in patterns)
     if not out:
@@ -448,7 +448,7 @@ class Subscriber(_ring.SubscriberCore, _Client):
     ) -> None:
         self._bus = validate_bus(bus)
         self.patterns = _patterns(patterns)
-        self.where = None if where is None else str(compile_filter(where))
+        self.where = None if where is None else str(compile_filter(where))  # canonical text
         self.group = _group(group)
         if not isinstance(on_full, str) or on_full not in POLICIES:
             raise InvalidArgument(f"on_full must be one of {', '.join(POLICIES)}, got {on_full!r}")
@@ -478,7 +478,7 @@ class Subscriber(_ring.SubscriberCore, _Client):
                 "ring": ring.name,
                 "pid": _pid(),
                 "patterns": list(self.patterns),
-                "where": where,
+                "where": self.where,
                 "group": self.group,
                 "on_full": on_full,
                 "last_value": self.last_value,
@@ -572,6 +572,7 @@ class Subscriber(_ring.SubscriberCore, _Client):
                 depth_messages=counters["depth_messages"],
                 depth_bytes=counters["depth_bytes"],
                 drops=0,
+                too_large=0,
                 filtered=0,
                 pending=0,
                 lag=counters["depth_messages"],

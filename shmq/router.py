@@ -68,7 +68,7 @@ from shmq._bus import (
 )
 from shmq._errors import AlreadyExists, InvalidArgument, NotFound, RouterUnavailable, ShmqError
 from shmq._native import _ring
-from shmq._segment import Segment
+from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment
 from shmq._wire import encode_filter
 from shmq.filters import compile_filter
 from shmq.queue import WAITS
@@ -80,6 +80,7 @@ log = logging.getLogger("shmq.router")
 
 HOUSEKEEPING_S = 0.1
 RUN_SLICE_S = 0.25
+RECONNECT_GRACE_S = 3.0
 
 
 @dataclass
@@ -129,7 +130,6 @@ class _Redelivery:
     segment: Segment
     ring_name: str
     group: tuple[str, tuple[str, ...], str | None]
-    unlink: bool
 
 
 class _RouterCore:
@@ -176,6 +176,7 @@ class _RouterCore:
         self.free_sub_slots = list(range(max_subscribers - 1, -1, -1))
         self.selector = selectors.DefaultSelector()
         self.forward_thread: threading.Thread | None = None
+        self.awaiting: set[str] = set()  # subscriber rings expected to reconnect (see serve)
         self.forward_error: BaseException | None = None
 
     # -- set-up and tear-down ------------------------------------------------------------------
@@ -336,14 +337,41 @@ class _RouterCore:
 
     # -- the control plane ---------------------------------------------------------------------
 
+    def _returning_subscribers(self) -> set[str]:
+        """Rings of live subscribers left by an earlier router of this bus: they will say hello again."""
+        prefix = f"{SEGMENT_PREFIX}bus.{self.bus}.s."
+        rings = set()
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(SHM_DIR):
+                if entry.startswith(prefix):
+                    pid = entry[len(prefix) :].split(".", 1)[0]
+                    if pid.isdigit() and _pid_alive(int(pid)):
+                        rings.add(entry[len(SEGMENT_PREFIX) :])
+        return rings
+
     def serve(self, ready: Any = None) -> None:
         """Run until stop() or a signal; `ready()` is called once clients can connect."""
         self.selector.register(self.listener, selectors.EVENT_READ, None)
-        self.start_forwarding()
+        # After a restart, publishers may reconnect (and have their queued messages routed) before
+        # every subscriber is back: forwarding waits until the subscribers whose rings are still
+        # there have said hello again, or RECONNECT_GRACE_S, so none misses what was queued.
+        self.awaiting = self._returning_subscribers()
+        grace_end = time.monotonic() + RECONNECT_GRACE_S
+        if self.awaiting:
+            log.info("bus %r: waiting for %d subscribers to reconnect", self.bus, len(self.awaiting))
         if ready is not None:
             ready()
         next_housekeeping = time.monotonic()
         while not self.stopping.is_set():
+            if self.forward_thread is None and (not self.awaiting or time.monotonic() >= grace_end):
+                if self.awaiting:
+                    log.warning(
+                        "bus %r: %d subscribers did not reconnect within %s s; routing without them",
+                        self.bus,
+                        len(self.awaiting),
+                        RECONNECT_GRACE_S,
+                    )
+                self.start_forwarding()
             timeout = max(0.0, next_housekeeping - time.monotonic())
             for key, _ in self.selector.select(timeout):
                 if self.stopping.is_set():
@@ -506,6 +534,7 @@ class _RouterCore:
             raise
         put_u32(m, off, SLOT_LIVE)
         self.subscribers[sub.id] = sub
+        self.awaiting.discard(ring_name)
         if group is None:
             for pattern in patterns_t:
                 self.index.add(pattern, sub.id)
@@ -533,6 +562,8 @@ class _RouterCore:
     def _remove_subscriber(self, sub: _Subscriber) -> None:
         self.subscribers.pop(sub.id, None)
         sub.link = None
+        # EOF means the subscriber closed (and removes its ring itself) or died: either way its
+        # ring goes now. (Checking for life would miss a process still exiting when asked.)
         alive = _pid_alive(sub.pid)
         if sub.group is None:
             for pattern in sub.patterns:
@@ -540,9 +571,8 @@ class _RouterCore:
             self._reroute(sub.patterns)
             self.forwarder.remove_output(sub.id)
             sub.segment.close()
-            if not alive:
-                with contextlib.suppress(NotFound):
-                    Segment.unlink(sub.ring_name)
+            with contextlib.suppress(NotFound):
+                Segment.unlink(sub.ring_name)
         else:
             key = next(k for k, g in self.groups.items() if sub.id in g.members)
             grp = self.groups[key]
@@ -553,7 +583,7 @@ class _RouterCore:
             input_id = self._new_id()
             self.forwarder.add_input(input_id, sub.segment.mapping, -1)
             self.forwarder.set_input_target(input_id, (None, list(grp.members), True, POLICIES["block"]))
-            self.redeliveries[input_id] = _Redelivery(input_id, sub.segment, sub.ring_name, key, not alive)
+            self.redeliveries[input_id] = _Redelivery(input_id, sub.segment, sub.ring_name, key)
             grp.orphans.append(input_id)
             if not grp.members and not grp.orphans:
                 self._forget_group(key)
@@ -594,9 +624,8 @@ class _RouterCore:
                     if not grp.members and not grp.orphans:
                         self._forget_group(redelivery.group)
                 redelivery.segment.close()
-                if redelivery.unlink:
-                    with contextlib.suppress(NotFound):
-                        Segment.unlink(redelivery.ring_name)
+                with contextlib.suppress(NotFound):
+                    Segment.unlink(redelivery.ring_name)
 
     def _forget_publisher(self, pub: _Publisher) -> None:
         self.forwarder.remove_input(pub.id)
@@ -605,9 +634,8 @@ class _RouterCore:
         put_u32(self.segment.mapping, off, SLOT_FREE)
         self.free_pub_slots.append(pub.slot)
         pub.segment.close()
-        if not _pid_alive(pub.pid):
-            with contextlib.suppress(NotFound):
-                Segment.unlink(pub.ring_name)
+        with contextlib.suppress(NotFound):  # its publisher closed or died: the ring is done
+            Segment.unlink(pub.ring_name)
         log.info("bus %r: publisher %d detached", self.bus, pub.id)
 
     def _pub_slot_offset(self, slot: int) -> int:

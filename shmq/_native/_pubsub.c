@@ -11,6 +11,31 @@
 
 #include "bus.h"
 
+/* Closed and too-large errors in the words of pub/sub (the ring's own speak of queues). */
+static int check_client_open(RingObject *ring, const char *what)
+{
+    if (ring->closed || !ring->mapped) {
+        PyErr_Format(error_class(E_CLOSED), "this %s is closed; create a new one to go on", what);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_publish_length(RingObject *ring, uint64_t length, Py_ssize_t payload)
+{
+    if (shmq_check_length(&ring->ring, length) == SHMQ_OK)
+        return 0;
+    unsigned long long cap = SHMQ_MIN_CAPACITY;
+    while (cap < 2 * shmq_frame_size(length) && cap < SHMQ_MAX_CAPACITY)
+        cap <<= 1;
+    PyErr_Format(error_class(E_TOO_LARGE),
+                 "a message of %zd bytes (%llu with its topic and headers) is larger than this "
+                 "publisher's ring takes (%llu); nothing was published. Create the Publisher with "
+                 "capacity=%llu or more (subscribers need as much to receive it)",
+                 payload, (unsigned long long)length, (unsigned long long)ring->ring.max_message, cap);
+    return -1;
+}
+
 static PyObject *raise_corrupt_message(RingObject *ring)
 {
     PyErr_Format(error_class(E_CORRUPT),
@@ -483,7 +508,8 @@ static PyObject *PublisherCore_publish(PublisherCoreObject *self, PyObject *cons
         (a[3] && parse_timeout(a[3], &deadline) < 0))
         return NULL;
     RingObject *ring = self->ring;
-    CHECK_OPEN(ring, NULL);
+    if (check_client_open(ring, "publisher") < 0)
+        return NULL;
     if (!PyUnicode_Check(a[0])) {
         PyErr_Format(error_class(E_ARGUMENT_TYPE), "a topic must be a str, got %.100s",
                      Py_TYPE(a[0])->tp_name);
@@ -508,7 +534,7 @@ static PyObject *PublisherCore_publish(PublisherCoreObject *self, PyObject *cons
     if (hl > (Py_ssize_t)SHMQ_MAX_HEADERS) {
         PyErr_Format(error_class(E_INVALID_ARGUMENT),
                      "headers take %zd bytes encoded, more than the limit of %u", hl, SHMQ_MAX_HEADERS);
-    } else if (check_length(ring, (Py_ssize_t)length) == 0) {
+    } else if (check_publish_length(ring, length, view.len) == 0) {
         if (claim_one(ring, length, deadline, &span) < 0) {
             if (PyErr_ExceptionMatches(error_class(E_FULL)))
                 publisher_timed_out(self, length);
@@ -545,7 +571,8 @@ static PyObject *PublisherCore_publish_many(PublisherCoreObject *self, PyObject 
         (a[3] && parse_timeout(a[3], &deadline) < 0))
         return NULL;
     RingObject *ring = self->ring;
-    CHECK_OPEN(ring, NULL);
+    if (check_client_open(ring, "publisher") < 0)
+        return NULL;
     if (!PyUnicode_Check(a[0])) {
         PyErr_Format(error_class(E_ARGUMENT_TYPE), "a topic must be a str, got %.100s",
                      Py_TYPE(a[0])->tp_name);
@@ -561,8 +588,14 @@ static PyObject *PublisherCore_publish_many(PublisherCoreObject *self, PyObject 
     if (publisher_topic(self, a[0], deadline, &id) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(a[1], "publish_many() needs an iterable of messages");
-    if (!seq)
+    if (!seq) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(error_class(E_ARGUMENT_TYPE), "publish_many() takes an iterable of messages, got %.100s",
+                         Py_TYPE(a[1])->tp_name);
+        }
         return NULL;
+    }
     PyObject *headers = publisher_headers(self, a[2]);
     if (!headers) {
         Py_DECREF(seq);
@@ -591,7 +624,7 @@ static PyObject *PublisherCore_publish_many(PublisherCoreObject *self, PyObject 
             }
             lengths[k] = (uint64_t)SHMQ_MSG_HEADER + tl + (uint64_t)hl + (uint64_t)views[k].len;
             piece += lengths[k];
-            if (check_length(ring, (Py_ssize_t)lengths[k]) < 0) {
+            if (check_publish_length(ring, lengths[k], views[k].len) < 0) {
                 PyBuffer_Release(&views[k]);
                 failed = 1;
                 break;
@@ -781,8 +814,7 @@ static PyObject *SubscriberCore_recv(SubscriberCoreObject *self, PyObject *const
             return NULL;
     }
     RingObject *ring = self->ring;
-    CHECK_OPEN(ring, NULL);
-    if (check_no_open_read_slot(ring) < 0)
+    if (check_client_open(ring, "subscriber") < 0)
         return NULL;
     shmq_span span;
     int got = read_span(ring, 1, deadline, &span);
@@ -825,8 +857,7 @@ static PyObject *SubscriberCore_recv_many(SubscriberCoreObject *self, PyObject *
         }
     }
     RingObject *ring = self->ring;
-    CHECK_OPEN(ring, NULL);
-    if (check_no_open_read_slot(ring) < 0)
+    if (check_client_open(ring, "subscriber") < 0)
         return NULL;
     PyObject *list = PyList_New(0);
     if (!list)

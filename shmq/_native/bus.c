@@ -448,6 +448,7 @@ struct shmq_forwarder {
     uint32_t ntopics;
     fwd_output **touched;
     uint32_t ntouched, touched_cap;
+    int redelivering;     /* the input being read is a redelivery input */
     uint32_t *reaped;     /* ids of outputs freed since shmq_fwd_reap() */
     uint32_t nreaped, reaped_cap;
     /* what shmq_fwd_sleep_prepare() chose to wait on */
@@ -626,9 +627,11 @@ static int try_write(fwd_output *o, shmq_forwarder *f, const uint8_t *frame, uin
         commit_output(o);
     stat_add(o->stats, SHMQ_SS_DELIVERED, 1);
     stat_add(o->stats, SHMQ_SS_BYTES, len);
-    if (topic < f->ntopics && f->topics[topic])
-        stat_add(f->topics[topic]->stats, SHMQ_TS_DELIVERIES, 1);
-    count(f, SHMQ_C_DELIVERIES, 1);
+    if (!f->redelivering) {
+        if (topic < f->ntopics && f->topics[topic])
+            stat_add(f->topics[topic]->stats, SHMQ_TS_DELIVERIES, 1);
+        count(f, SHMQ_C_DELIVERIES, 1);
+    }
     return 1;
 }
 
@@ -728,10 +731,23 @@ static int steal_oldest(fwd_output *o)
 
 enum { DELIVERED = 0, STALL = 1 };
 
+/* A message larger than the subscriber's ring can ever hold (its max_message) would wait
+ * forever: it is dropped for that subscriber, whatever its policy, and counted (too_large). */
+static int too_large(shmq_forwarder *f, fwd_output *o, uint32_t len, uint8_t *topic_stats)
+{
+    if (shmq_check_length(&o->ring, len) == SHMQ_OK)
+        return 0;
+    stat_add(o->stats, SHMQ_SS_TOO_LARGE, 1);
+    drop(f, o, topic_stats);
+    return 1;
+}
+
 /* Offers one message to one subscriber, applying its policy when it is full. */
 static int offer(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint32_t len, uint32_t topic,
                  uint8_t *topic_stats)
 {
+    if (too_large(f, o, len, topic_stats))
+        return DELIVERED;
     flush_pending(f, o);
     if (o->pend_head == o->pend_n && try_write(o, f, frame, len, topic, 0))
         return DELIVERED;
@@ -749,6 +765,7 @@ static int offer(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint32_
                 return DELIVERED;
             if (!steal_oldest(o))
                 break;
+            stat_add(o->stats, SHMQ_SS_STOLEN, 1);
             drop(f, o, topic_stats);
         }
         drop(f, o, topic_stats); /* the subscriber holds the oldest (a view): drop the new one */
@@ -770,11 +787,13 @@ static int offer_group(shmq_forwarder *f, fwd_target *t, const uint8_t *frame, u
                        uint32_t topic, uint8_t *topic_stats, fwd_output **full)
 {
     fwd_output *first_live = NULL;
+    int fits_somewhere = 0;
     for (uint32_t k = 0; k < t->n; k++) {
         uint32_t at = (t->next + k) % t->n;
         fwd_output *o = t->outs[at];
-        if (o->dead)
+        if (o->dead || shmq_check_length(&o->ring, len) != SHMQ_OK)
             continue;
+        fits_somewhere = 1;
         if (!first_live)
             first_live = o;
         flush_pending(f, o);
@@ -782,6 +801,13 @@ static int offer_group(shmq_forwarder *f, fwd_target *t, const uint8_t *frame, u
             t->next = at + 1;
             return DELIVERED;
         }
+    }
+    if (!fits_somewhere && t->n) {
+        for (uint32_t k = 0; k < t->n; k++)
+            if (!t->outs[k]->dead) {
+                too_large(f, t->outs[k], len, topic_stats); /* larger than every member's ring */
+                return DELIVERED;
+            }
     }
     if (first_live && t->group_policy == SHMQ_DROP) {
         drop(f, first_live, topic_stats);
@@ -1063,6 +1089,28 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
 }
 
 /* Reads and routes what one input holds; returns messages taken, or -1 with *ev set. */
+static void commit_touched(shmq_forwarder *f);
+
+/* Frees the first `done` messages of an input read, after committing every copy made of them:
+ * a router killed in between then delivers them twice (the publisher ring still holds them),
+ * never zero times. */
+static void finish_read(shmq_forwarder *f, fwd_input *in, uint64_t start, uint64_t end, uint64_t done,
+                        uint64_t bytes)
+{
+    commit_touched(f);
+    if (done || end != start) {
+        shmq_span part = {start, end, done, bytes};
+        shmq_release(&in->ring, &part);
+    }
+    stat_add(in->stats, SHMQ_PS_MESSAGES, done);
+    stat_add(in->stats, SHMQ_PS_BYTES, bytes);
+    /* A redelivery input re-offers messages that were counted when first routed. */
+    count(f, in->fixed ? SHMQ_C_REDELIVERIES : SHMQ_C_MESSAGES, done);
+    if (!in->fixed)
+        count(f, SHMQ_C_BYTES, bytes);
+}
+
+/* Reads and routes what one input holds; returns messages taken, or -1 with *ev set. */
 static int64_t pass_input(shmq_forwarder *f, fwd_input *in, shmq_fwd_event_info *ev, int *stalled)
 {
     shmq_span span;
@@ -1071,6 +1119,7 @@ static int64_t pass_input(shmq_forwarder *f, fwd_input *in, shmq_fwd_event_info 
         return 0;
     if (rc != SHMQ_OK)
         goto corrupt;
+    f->redelivering = in->fixed != NULL;
     uint64_t pos = span.start, done = 0, bytes = 0;
     for (uint64_t k = 0; k < span.count; k++) {
         uint64_t at = pos;
@@ -1079,38 +1128,29 @@ static int64_t pass_input(shmq_forwarder *f, fwd_input *in, shmq_fwd_event_info 
         shmq_msg m;
         if (!frame || shmq_msg_parse(frame, len, &m) != SHMQ_OK ||
             shmq_headers_check(m.headers, m.headers_len) != SHMQ_OK) {
-            shmq_span part = {span.start, at, done, bytes};
-            shmq_release(&in->ring, &part);
+            finish_read(f, in, span.start, at, done, bytes);
             goto corrupt;
         }
         int r = deliver(f, in, frame, len, &m, ev);
         if (r != DELIVERED) {
             /* Free what is done; the rest is read again on the next pass. */
-            if (done) {
-                shmq_span part = {span.start, at, done, bytes};
-                shmq_release(&in->ring, &part);
-            }
+            finish_read(f, in, span.start, at, done, bytes);
+            f->redelivering = 0;
             if (r == STALL) {
                 *stalled = 1;
                 stat_add(in->stats, SHMQ_PS_STALLS, 1);
                 count(f, SHMQ_C_STALLS, 1);
             }
-            stat_add(in->stats, SHMQ_PS_MESSAGES, done);
-            stat_add(in->stats, SHMQ_PS_BYTES, bytes);
-            count(f, SHMQ_C_MESSAGES, done);
-            count(f, SHMQ_C_BYTES, bytes);
             return r == STALL ? (int64_t)done : -1;
         }
         done++;
         bytes += len;
     }
-    shmq_release(&in->ring, &span);
-    stat_add(in->stats, SHMQ_PS_MESSAGES, done);
-    stat_add(in->stats, SHMQ_PS_BYTES, bytes);
-    count(f, SHMQ_C_MESSAGES, done);
-    count(f, SHMQ_C_BYTES, bytes);
+    finish_read(f, in, span.start, span.end, done, bytes);
+    f->redelivering = 0;
     return (int64_t)done;
 corrupt:
+    f->redelivering = 0;
     in->corrupt = 1;
     ev->event = SHMQ_EV_CORRUPT;
     ev->input_id = in->id;

@@ -118,6 +118,7 @@ enum shmq_bus_counter {
     SHMQ_C_STALLS,         /* times a message waited for a full `block` subscriber */
     SHMQ_C_SLEEPS,         /* times the router slept on the doorbell */
     SHMQ_C_PASSES,         /* forwarding passes that moved something */
+    SHMQ_C_REDELIVERIES,   /* messages a gone group member left, offered to the others */
     SHMQ_C_COUNT
 };
 
@@ -126,7 +127,10 @@ enum { SHMQ_PS_MESSAGES = 16, SHMQ_PS_BYTES = 24, SHMQ_PS_STALLS = 32 };
 /* Per-subscriber statistics slot. */
 enum {
     SHMQ_SS_DELIVERED = 16, SHMQ_SS_BYTES = 24, SHMQ_SS_DROPS = 32, SHMQ_SS_FILTERED = 40,
-    SHMQ_SS_PENDING = 48, SHMQ_SS_PENDING_MAX = 56
+    SHMQ_SS_PENDING = 48, SHMQ_SS_PENDING_MAX = 56,
+    /* 64..95: received, depth and capacity, written by the router's housekeeping */
+    SHMQ_SS_STOLEN = 96,     /* drop_oldest: messages the router took back out of the ring */
+    SHMQ_SS_TOO_LARGE = 104  /* messages larger than the ring's max_message (also in drops) */
 };
 /* Per-topic statistics slot. */
 enum { SHMQ_TS_MESSAGES = 8, SHMQ_TS_BYTES = 16, SHMQ_TS_DELIVERIES = 24, SHMQ_TS_DROPS = 32,
