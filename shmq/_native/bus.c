@@ -433,7 +433,8 @@ struct fwd_input {
     int stalled;
     fwd_route *stall_route;
     uint32_t stall_target;
-    fwd_output *stall_out;
+    fwd_output *stall_out;   /* the full subscriber it waits for (NULL: a group without members) */
+    fwd_target *stall_group; /* or the group whose members are all full */
     uint32_t stall_len;
 };
 
@@ -980,6 +981,7 @@ int shmq_fwd_set_input_target(shmq_forwarder *f, uint32_t id, fwd_target *target
         return SHMQ_BAD_ARGUMENT;
     if (in->stalled) { /* the new target starts the waiting message over */
         route_unref(f, in->stall_route);
+        in->stall_route = NULL;
         in->stalled = 0;
     }
     if (in->fixed) {
@@ -1035,8 +1037,10 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
     fwd_output *full = NULL;
     if (in->fixed) {
         int rc = deliver_target(f, in->fixed, frame, len, m, m->topic_id, NULL, &full);
+        in->stalled = rc == STALL; /* (no route to hold: the target is the input's own) */
         if (rc == STALL) {
             in->stall_out = full;
+            in->stall_group = in->fixed->group ? in->fixed : NULL;
             in->stall_len = len;
         }
         return rc;
@@ -1077,12 +1081,14 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
             }
             in->stall_target = i;
             in->stall_out = full;
+            in->stall_group = r->t[i].group ? &r->t[i] : NULL;
             in->stall_len = len;
             return STALL;
         }
     }
     if (in->stalled) {
         route_unref(f, in->stall_route);
+        in->stall_route = NULL;
         in->stalled = 0;
     }
     return DELIVERED;
@@ -1202,9 +1208,15 @@ static int input_has_work(fwd_input *in)
         return 0;
     if (!in->stalled)
         return 1;
-    if (!in->stall_out) /* waits for a group member to join: the router is told */
-        return 0;
-    return shmq_condition_holds(&in->stall_out->ring, SHMQ_WRITABLE, in->stall_len);
+    if (in->stall_group) { /* room in any member will do */
+        for (uint32_t k = 0; k < in->stall_group->n; k++) {
+            fwd_output *o = in->stall_group->outs[k];
+            if (!o->dead && shmq_condition_holds(&o->ring, SHMQ_WRITABLE, in->stall_len))
+                return 1;
+        }
+        return 0; /* (with no member left, the router is told when one joins) */
+    }
+    return in->stall_out && shmq_condition_holds(&in->stall_out->ring, SHMQ_WRITABLE, in->stall_len);
 }
 
 int shmq_fwd_has_work(shmq_forwarder *f)
@@ -1252,9 +1264,18 @@ int shmq_fwd_sleep_prepare(shmq_forwarder *f)
      * shmq_bus_ring_doorbell(): either a publisher sees the flag, or the
      * re-check below sees its commit. */
     atomic_store_explicit(U32_AT(f->bus, SHMQ_BUS_OFF_SLEEPING), 1, SEQ_CST);
-    for (uint32_t i = 0; i < f->ninputs; i++)
-        if (f->inputs[i]->stalled)
-            watch_space(f, f->inputs[i]->stall_out);
+    for (uint32_t i = 0; i < f->ninputs; i++) {
+        fwd_input *in = f->inputs[i];
+        if (!in->stalled)
+            continue;
+        if (in->stall_group) {
+            for (uint32_t k = 0; k < in->stall_group->n; k++)
+                if (!in->stall_group->outs[k]->dead)
+                    watch_space(f, in->stall_group->outs[k]);
+        } else {
+            watch_space(f, in->stall_out);
+        }
+    }
     for (uint32_t i = 0; i < f->noutputs; i++)
         if (f->outputs[i]->pend_head != f->outputs[i]->pend_n)
             watch_space(f, f->outputs[i]);
