@@ -751,3 +751,24 @@ def test_second_router_on_a_bus_is_refused(bus: str, router: shmq.Router) -> Non
         pub.publish("still", b"served", timeout=WAIT_S)
         assert sub.recv(timeout=WAIT_S).data == b"served"
     assert shmq.bus_stats(bus).router_pid == router.pid
+
+
+def test_messages_of_a_gone_member_wait_for_the_next_one_without_busy_looping(
+    bus: str, router: shmq.Router
+) -> None:
+    """The last member of a group leaves with messages queued: they wait (not lost) for the next
+    member, and the router sleeps meanwhile instead of polling the stalled redelivery."""
+    with shmq.Publisher(bus) as pub:
+        first = shmq.Subscriber(bus, "g.>", group="solo")
+        for i in range(10):
+            pub.publish("g.x", b"%d" % i, timeout=WAIT_S)
+        assert pub.flush(WAIT_S)
+        assert wait_until(lambda: first.stats().depth_messages == 10, WAIT_S)
+        first.close()
+        sleeps = shmq.bus_stats(bus).sleeps
+        # a router that busy-loops on the stalled input never goes to sleep
+        assert wait_until(lambda: shmq.bus_stats(bus).sleeps > sleeps + 2, WAIT_S)
+        with shmq.Subscriber(bus, "g.>", group="solo") as second:
+            assert [m.data for m in drain(second, 10)] == [b"%d" % i for i in range(10)]
+        stats = shmq.bus_stats(bus)
+        assert (stats.messages, stats.redeliveries) == (10, 10)
