@@ -28,6 +28,7 @@
 #define READ_MESSAGES 64         /* messages taken from an input per read */
 #define READ_BYTES (64 * 1024)   /* ... or about this many bytes */
 #define COMMIT_EVERY 64          /* commit an output at least this often */
+#define STEAL_MESSAGES 64        /* drop_oldest: messages taken back at once */
 #define MAX_WAIT_WORDS 8
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -636,11 +637,16 @@ static int try_write(fwd_output *o, shmq_forwarder *f, const uint8_t *frame, uin
     return 1;
 }
 
+static void drop_many(shmq_forwarder *f, fwd_output *o, uint8_t *topic_stats, uint64_t n)
+{
+    stat_add(o ? o->stats : NULL, SHMQ_SS_DROPS, n);
+    stat_add(topic_stats, SHMQ_TS_DROPS, n);
+    count(f, SHMQ_C_DROPS, n);
+}
+
 static void drop(shmq_forwarder *f, fwd_output *o, uint8_t *topic_stats)
 {
-    stat_add(o ? o->stats : NULL, SHMQ_SS_DROPS, 1);
-    stat_add(topic_stats, SHMQ_TS_DROPS, 1);
-    count(f, SHMQ_C_DROPS, 1);
+    drop_many(f, o, topic_stats, 1);
 }
 
 static void pend_update_stats(fwd_output *o)
@@ -719,15 +725,27 @@ static int pend_put(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint
     return 0;
 }
 
-/* drop_oldest: takes the oldest committed message out of the subscriber's ring
- * (the ring is multi-consumer for this). Returns 1 if one was taken. */
-static int steal_oldest(fwd_output *o)
+/* drop_oldest: takes the oldest committed messages out of the subscriber's ring (the ring is
+ * multi-consumer for this): up to STEAL_MESSAGES or an eighth of the ring at once, so that a
+ * stalled subscriber costs one take per batch of new messages, not one per message (the
+ * newest messages are kept either way). Returns how many were taken. */
+static uint64_t steal_oldest(shmq_forwarder *f, fwd_output *o)
 {
     shmq_span s;
-    if (shmq_read(&o->ring, 1, 1, &s) != SHMQ_OK)
+    if (shmq_read(&o->ring, STEAL_MESSAGES, o->ring.capacity / 8, &s) != SHMQ_OK)
         return 0;
+    /* Each dropped message counts against its topic, as every other drop does. */
+    uint64_t pos = s.start;
+    uint32_t len;
+    const uint8_t *frame;
+    while ((frame = shmq_next(&o->ring, &pos, s.end, &len)) != NULL)
+        if (len >= SHMQ_MSG_HEADER) {
+            uint32_t topic = rd32(frame + SHMQ_MSG_OFF_TOPIC_ID);
+            if (topic < f->ntopics && f->topics[topic])
+                stat_add(f->topics[topic]->stats, SHMQ_TS_DROPS, 1);
+        }
     shmq_release(&o->ring, &s);
-    return 1;
+    return s.count;
 }
 
 enum { DELIVERED = 0, STALL = 1 };
@@ -764,10 +782,11 @@ static int offer(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint32_
             flush_pending(f, o);
             if (o->pend_head == o->pend_n && try_write(o, f, frame, len, topic, 0))
                 return DELIVERED;
-            if (!steal_oldest(o))
+            uint64_t taken = steal_oldest(f, o);
+            if (!taken)
                 break;
-            stat_add(o->stats, SHMQ_SS_STOLEN, 1);
-            drop(f, o, topic_stats);
+            stat_add(o->stats, SHMQ_SS_STOLEN, taken);
+            drop_many(f, o, NULL, taken); /* (steal_oldest counted them per topic) */
         }
         drop(f, o, topic_stats); /* the subscriber holds the oldest (a view): drop the new one */
         return DELIVERED;
