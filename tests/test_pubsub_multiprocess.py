@@ -600,6 +600,7 @@ def test_router_killed_and_restarted_clients_carry_on(bus: str, children: pw.Chi
         assert wait_until(lambda: pw.subscriber_stats(bus, sub_ring).delivered == 20, WAIT_S)
 
         os.kill(first_pid, signal.SIGSTOP)
+        assert wait_until(lambda: pw.is_stopped(first_pid), WAIT_S), "the router did not stop"
         (pub_ctl / "go1").touch()
         pw.await_file(pub, pub_ctl / "done1", WAIT_S)  # in the publisher's ring, not routed
         assert pw.subscriber_stats(bus, sub_ring).delivered == 20
@@ -646,6 +647,8 @@ def test_unrouted_messages_reach_a_subscriber_that_reconnects_late(bus: str, chi
         _, sub_ring = pw.await_file(sub, sub_ctl / "ready")
         with shmq.Publisher(bus) as pub:
             os.kill(first_pid, signal.SIGSTOP)
+            # (kill() returns before the router has stopped: until it has, it may still route)
+            assert wait_until(lambda: pw.is_stopped(first_pid), WAIT_S), "the router did not stop"
             for i in range(10):
                 pub.publish("late.x", b"%d" % i, timeout=WAIT_S)  # queued: the router is frozen
             freeze(sub)
