@@ -14,6 +14,7 @@ same ring, so whatever is queued in the rings survives the restart.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -173,7 +174,7 @@ class _Link:
             self._thread.join(5.0)
 
 
-class _Client:
+class _Client(abc.ABC):
     """What Publisher and Subscriber share: the ring, the bus segment, the link."""
 
     _bus: str
@@ -207,6 +208,27 @@ class _Client:
     @property
     def connected(self) -> bool:
         return self._link.connected.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed.is_set()
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Leave the bus (Publisher and Subscriber say what else)."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _state(self) -> str:
+        return "closed" if self.closed else ("connected" if self.connected else "waiting for the router")
+
+    def _release_ring(self) -> None:
+        """Unmap the bus segment, close and remove our ring (the router may have removed it)."""
+        self._unmap_bus()
+        self._ring.close()
+        with contextlib.suppress(NotFound):
+            self._ring.unlink()
 
     def _check_open(self) -> None:
         if self._link.closed.is_set():
@@ -338,24 +360,13 @@ class Publisher(_ring.PublisherCore, _Client):
             )
         self._link.close()
         self._set_bus(None)
-        self._unmap_bus()
-        self._ring.close()
-        with contextlib.suppress(NotFound):
-            self._ring.unlink()
-
-    @property
-    def closed(self) -> bool:
-        return self._link.closed.is_set()
+        self._release_ring()
 
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("connected" if self.connected else "waiting for the router")
-        return f"<shmq.Publisher bus={self._bus!r} id={self.publisher_id} {state}>"
+        return f"<shmq.Publisher bus={self._bus!r} id={self.publisher_id} {self._state()}>"
 
     def stats(self) -> PublisherStats:
         """This publisher's counters: its ring, and what the router took from it."""
@@ -530,24 +541,13 @@ class Subscriber(_ring.SubscriberCore, _Client):
         self._link.close()
         if self._waiter is not None:
             self._waiter.close()
-        self._unmap_bus()
-        self._ring.close()
-        with contextlib.suppress(NotFound):
-            self._ring.unlink()
-
-    @property
-    def closed(self) -> bool:
-        return self._link.closed.is_set()
+        self._release_ring()
 
     def __enter__(self) -> Subscriber:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("connected" if self.connected else "waiting for the router")
-        return f"<shmq.Subscriber bus={self._bus!r} patterns={list(self.patterns)} {state}>"
+        return f"<shmq.Subscriber bus={self._bus!r} patterns={list(self.patterns)} {self._state()}>"
 
     def stats(self) -> SubscriberStats:
         """Delivered, received, dropped, filtered and pending counts, depth and lag."""

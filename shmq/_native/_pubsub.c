@@ -842,20 +842,8 @@ static PyObject *SubscriberCore_recv_many(SubscriberCoreObject *self, PyObject *
     if (parse_args("recv_many", args, nargs, kwnames, recv_many_names, 2, 0, a) < 0 ||
         (a[1] && parse_timeout(a[1], &deadline) < 0))
         return NULL;
-    if (a[0] && a[0] != Py_None) {
-        if (PyBool_Check(a[0]) || !PyLong_Check(a[0])) {
-            PyErr_Format(error_class(E_ARGUMENT_TYPE), "max_messages must be an int, got %.100s",
-                         Py_TYPE(a[0])->tp_name);
-            return NULL;
-        }
-        max = PyLong_AsSsize_t(a[0]);
-        if (max == -1 && PyErr_Occurred())
-            return NULL;
-        if (max < 1) {
-            PyErr_Format(error_class(E_INVALID_ARGUMENT), "max_messages must be at least 1, got %zd", max);
-            return NULL;
-        }
-    }
+    if (parse_max_messages(a[0], &max) < 0)
+        return NULL;
     RingObject *ring = self->ring;
     if (check_client_open(ring, "subscriber") < 0)
         return NULL;

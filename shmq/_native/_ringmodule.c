@@ -729,6 +729,26 @@ static PyObject *Ring_get_nowait(RingObject *self, PyObject *Py_UNUSED(ignored))
     return get_impl(self, 0);
 }
 
+/* max_messages arguments: None (keep the default) or an int >= 1. */
+static int parse_max_messages(PyObject *obj, Py_ssize_t *max)
+{
+    if (!obj || obj == Py_None)
+        return 0;
+    if (PyBool_Check(obj) || !PyLong_Check(obj)) {
+        PyErr_Format(error_class(E_ARGUMENT_TYPE), "max_messages must be an int, got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *max = PyLong_AsSsize_t(obj);
+    if (*max == -1 && PyErr_Occurred())
+        return -1;
+    if (*max < 1) {
+        PyErr_Format(error_class(E_INVALID_ARGUMENT), "max_messages must be at least 1, got %zd", *max);
+        return -1;
+    }
+    return 0;
+}
+
 static const char *const get_many_names[] = {"max_messages", "timeout"};
 
 static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs,
@@ -740,21 +760,8 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
     if (parse_args("get_many", args, nargs, kwnames, get_many_names, 2, 0, a) < 0 ||
         parse_timeout(a[1], &deadline) < 0)
         return NULL;
-    if (a[0] && a[0] != Py_None) {
-        if (PyBool_Check(a[0]) || !PyLong_Check(a[0])) {
-            PyErr_Format(error_class(E_ARGUMENT_TYPE), "max_messages must be an int, got %.100s",
-                         Py_TYPE(a[0])->tp_name);
-            return NULL;
-        }
-        max = PyLong_AsSsize_t(a[0]);
-        if (max == -1 && PyErr_Occurred())
-            return NULL;
-        if (max < 1) {
-            PyErr_Format(error_class(E_INVALID_ARGUMENT),
-                         "max_messages must be at least 1, got %zd", max);
-            return NULL;
-        }
-    }
+    if (parse_max_messages(a[0], &max) < 0)
+        return NULL;
     CHECK_OPEN(self, NULL);
     if (check_no_open_read_slot(self) < 0)
         return NULL;
