@@ -118,6 +118,7 @@ class _Group:
 
     key: tuple[str, tuple[str, ...], str | None]
     program: bytes | None
+    on_full: str  # "block" or "drop", the same for every member
     members: list[int] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)  # redelivery inputs waiting for a member
 
@@ -320,7 +321,7 @@ class _RouterCore:
                 group = self.groups[value]
                 if not group.members:  # nobody to take new messages: like a topic nobody wants
                     continue
-                targets.append((group.program, list(group.members), True, POLICIES["block"]))
+                targets.append((group.program, list(group.members), True, POLICIES[group.on_full]))
             else:
                 sub = self.subscribers[value]
                 targets.append((sub.program, [sub.id], False, 0))
@@ -495,6 +496,12 @@ class _RouterCore:
             raise InvalidArgument(f"on_full must be one of {', '.join(POLICIES)}, got {on_full!r}")
         if group is not None and on_full not in ("block", "drop"):
             raise InvalidArgument("a queue group member takes on_full='block' or 'drop'")
+        key = (str(group), tuple(sorted(set(patterns_t))), str(compile_filter(where)) if where else None)
+        if group is not None and key in self.groups and self.groups[key].on_full != on_full:
+            raise InvalidArgument(
+                f"queue group {group!r} uses on_full={self.groups[key].on_full!r}; its members must "
+                f"agree: join with on_full={self.groups[key].on_full!r}"
+            )
         if not self.free_sub_slots:
             raise InvalidArgument(
                 f"bus {self.bus!r} has {self.max_subscribers} subscribers already; start the router "
@@ -539,10 +546,9 @@ class _RouterCore:
             for pattern in patterns_t:
                 self.index.add(pattern, sub.id)
         else:
-            key = (group, tuple(sorted(set(patterns_t))), str(compile_filter(where)) if where else None)
             grp = self.groups.get(key)
             if grp is None:
-                grp = self.groups[key] = _Group(key, program)
+                grp = self.groups[key] = _Group(key, program, on_full)
                 for pattern in key[1]:
                     self.index.add(pattern, key)
             grp.members.append(sub.id)

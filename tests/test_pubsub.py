@@ -772,3 +772,21 @@ def test_messages_of_a_gone_member_wait_for_the_next_one_without_busy_looping(
             assert [m.data for m in drain(second, 10)] == [b"%d" % i for i in range(10)]
         stats = shmq.bus_stats(bus)
         assert (stats.messages, stats.redeliveries) == (10, 10)
+
+
+def test_group_with_drop_policy_drops_only_when_every_member_is_full(bus: str, router: shmq.Router) -> None:
+    """A queue group's on_full applies when all its members are full; members must agree on it."""
+    with (
+        shmq.Publisher(bus) as pub,
+        shmq.Subscriber(bus, "q", group="lossy", on_full="drop", capacity=1024) as a,
+        shmq.Subscriber(bus, "q", group="lossy", on_full="drop", capacity=1024) as b,
+    ):
+        with pytest.raises(shmq.InvalidArgument, match="on_full='drop'"):
+            shmq.Subscriber(bus, "q", group="lossy", on_full="block", connect_timeout=WAIT_S)
+        for i in range(200):  # far more than two 1 KiB rings hold: nobody reads
+            pub.publish("q", b"%03d" % i, timeout=WAIT_S)  # never blocks: the group drops
+        assert pub.flush(WAIT_S)
+        got = a.recv_many(timeout=WAIT_S) + b.recv_many(timeout=WAIT_S)
+        drops = a.stats().drops + b.stats().drops
+        assert 0 < len(got) < 200 and len(got) + drops == 200
+        assert len({m.data for m in got}) == len(got)  # each to one member only
