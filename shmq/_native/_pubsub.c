@@ -831,6 +831,11 @@ static PyObject *SubscriberCore_recv(SubscriberCoreObject *self, PyObject *const
     return out;
 }
 
+static PyObject *make_message(void *self, RingObject *Py_UNUSED(ring), const uint8_t *src, uint32_t length)
+{
+    return (PyObject *)decode_frame((SubscriberCoreObject *)self, src, length);
+}
+
 static const char *const recv_many_names[] = {"max_messages", "timeout"};
 
 static PyObject *SubscriberCore_recv_many(SubscriberCoreObject *self, PyObject *const *args,
@@ -847,43 +852,7 @@ static PyObject *SubscriberCore_recv_many(SubscriberCoreObject *self, PyObject *
     RingObject *ring = self->ring;
     if (check_client_open(ring, "subscriber") < 0)
         return NULL;
-    PyObject *list = PyList_New(0);
-    if (!list)
-        return NULL;
-    uint64_t taken = 0;
-    while (PyList_GET_SIZE(list) < max && taken < GET_MANY_BYTES) {
-        shmq_span span;
-        Py_ssize_t want = max - PyList_GET_SIZE(list);
-        int got = read_span(ring, (size_t)want, PyList_GET_SIZE(list) ? 0 : deadline, &span);
-        if (got < 0) {
-            if (PyList_GET_SIZE(list) == 0)
-                goto fail;
-            PyErr_Clear(); /* deliver what we have; the error comes back next call */
-            break;
-        }
-        if (got == 0)
-            break;
-        uint64_t pos = span.start;
-        for (uint64_t i = 0; i < span.count; i++) {
-            uint32_t length;
-            const uint8_t *src = shmq_next(&ring->ring, &pos, span.end, &length);
-            PyObject *item = src ? (PyObject *)decode_frame(self, src, length) : raise_code(ring, SHMQ_CORRUPT, 0);
-            if (!item || PyList_Append(list, item) < 0) {
-                Py_XDECREF(item);
-                if (PyErr_ExceptionMatches(PyExc_MemoryError) && !ring->ring.multi_consumer)
-                    goto fail; /* the piece stays queued */
-                shmq_release(&ring->ring, &span);
-                goto fail;
-            }
-            Py_DECREF(item);
-        }
-        taken += span.bytes;
-        shmq_release(&ring->ring, &span);
-    }
-    return list;
-fail:
-    Py_DECREF(list);
-    return NULL;
+    return read_many(ring, max, deadline, make_message, self);
 }
 
 static PyMethodDef SubscriberCore_methods[] = {
@@ -1060,10 +1029,16 @@ static PyObject *Forwarder_add_input(ForwarderObject *self, PyObject *args)
     return fwd_result(self, rc, "input");
 }
 
+static int parse_id(PyObject *arg, unsigned long *id)
+{
+    *id = PyLong_AsUnsignedLong(arg);
+    return *id == (unsigned long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *Forwarder_remove_input(ForwarderObject *self, PyObject *arg)
 {
-    unsigned long id = PyLong_AsUnsignedLong(arg);
-    if (id == (unsigned long)-1 && PyErr_Occurred())
+    unsigned long id;
+    if (parse_id(arg, &id) < 0)
         return NULL;
     FWD_CHECK(self);
     lock_forwarder(self);
@@ -1077,8 +1052,8 @@ static PyObject *Forwarder_remove_input(ForwarderObject *self, PyObject *arg)
 
 static PyObject *Forwarder_input_depth(ForwarderObject *self, PyObject *arg)
 {
-    unsigned long id = PyLong_AsUnsignedLong(arg);
-    if (id == (unsigned long)-1 && PyErr_Occurred())
+    unsigned long id;
+    if (parse_id(arg, &id) < 0)
         return NULL;
     FWD_CHECK(self);
     lock_forwarder(self);
@@ -1109,8 +1084,8 @@ static PyObject *Forwarder_add_output(ForwarderObject *self, PyObject *args)
 
 static PyObject *Forwarder_remove_output(ForwarderObject *self, PyObject *arg)
 {
-    unsigned long id = PyLong_AsUnsignedLong(arg);
-    if (id == (unsigned long)-1 && PyErr_Occurred())
+    unsigned long id;
+    if (parse_id(arg, &id) < 0)
         return NULL;
     FWD_CHECK(self);
     lock_forwarder(self);

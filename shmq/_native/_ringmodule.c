@@ -729,6 +729,71 @@ static PyObject *Ring_get_nowait(RingObject *self, PyObject *Py_UNUSED(ignored))
     return get_impl(self, 0);
 }
 
+/* Makes the Python object for one message of read_many(); NULL with an exception. */
+typedef PyObject *(*make_item_fn)(void *ctx, RingObject *ring, const uint8_t *src, uint32_t length);
+
+static PyObject *make_bytes(void *Py_UNUSED(ctx), RingObject *Py_UNUSED(ring), const uint8_t *src,
+                            uint32_t length)
+{
+    return PyBytes_FromStringAndSize((const char *)src, length);
+}
+
+/*
+ * The loop of get_many() and of the subscriber's recv_many(): waits for the first piece, then
+ * takes the following pieces while messages are there, up to max messages and about
+ * GET_MANY_BYTES (a bounded list stays in the allocator's and the cache's working set;
+ * multi-megabyte ones are returned to the kernel on free and page-faulted back every call).
+ * Each piece is released as soon as it is copied, so producers refill the ring while we copy
+ * the next one.
+ */
+static PyObject *read_many(RingObject *self, Py_ssize_t max, int64_t deadline, make_item_fn make, void *ctx)
+{
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    uint64_t taken = 0;
+    while (PyList_GET_SIZE(list) < max && taken < GET_MANY_BYTES) {
+        shmq_span span;
+        Py_ssize_t want = max - PyList_GET_SIZE(list);
+        int got = read_span(self, (size_t)want, PyList_GET_SIZE(list) ? 0 : deadline, &span);
+        if (got < 0) {
+            if (PyList_GET_SIZE(list) == 0)
+                goto fail;
+            PyErr_Clear(); /* deliver what we have; the error comes back next call */
+            break;
+        }
+        if (got == 0)
+            break;
+        uint64_t pos = span.start;
+        for (uint64_t i = 0; i < span.count; i++) {
+            uint32_t length;
+            const uint8_t *src = shmq_next(&self->ring, &pos, span.end, &length);
+            if (!src) {
+                shmq_release(&self->ring, &span);
+                raise_code(self, SHMQ_CORRUPT, 0);
+                goto fail;
+            }
+            PyObject *item = make(ctx, self, src, length);
+            if (!item || PyList_Append(list, item) < 0) {
+                Py_XDECREF(item);
+                /* Out of memory, a single consumer leaves the piece queued (a multi-consumer
+                 * claim cannot be undone); a message that cannot be made (damaged) is
+                 * released, or it would fail again forever. */
+                if (self->ring.multi_consumer || !PyErr_ExceptionMatches(PyExc_MemoryError))
+                    shmq_release(&self->ring, &span);
+                goto fail;
+            }
+            Py_DECREF(item);
+        }
+        taken += span.bytes;
+        shmq_release(&self->ring, &span);
+    }
+    return list;
+fail:
+    Py_DECREF(list);
+    return NULL;
+}
+
 /* max_messages arguments: None (keep the default) or an int >= 1. */
 static int parse_max_messages(PyObject *obj, Py_ssize_t *max)
 {
@@ -765,55 +830,7 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
     CHECK_OPEN(self, NULL);
     if (check_no_open_read_slot(self) < 0)
         return NULL;
-    PyObject *list = PyList_New(0);
-    if (!list)
-        return NULL;
-    /* Wait for the first piece; then take the following pieces while messages
-     * are there, up to max messages and about GET_MANY_BYTES (a bounded list
-     * stays in the allocator's and the cache's working set; multi-megabyte ones
-     * are returned to the kernel on free and page-faulted back every call).
-     * Each piece is released as soon as it is copied, so producers refill the
-     * ring while we copy the next one. */
-    uint64_t taken = 0;
-    while (PyList_GET_SIZE(list) < max && taken < GET_MANY_BYTES) {
-        shmq_span span;
-        Py_ssize_t want = max - PyList_GET_SIZE(list);
-        int got = read_span(self, (size_t)want, PyList_GET_SIZE(list) ? 0 : deadline, &span);
-        if (got < 0) {
-            if (PyList_GET_SIZE(list) == 0)
-                goto fail;
-            PyErr_Clear(); /* deliver what we have; the error comes back next call */
-            break;
-        }
-        if (got == 0)
-            break;
-        uint64_t pos = span.start;
-        for (uint64_t i = 0; i < span.count; i++) {
-            uint32_t length;
-            const uint8_t *src = shmq_next(&self->ring, &pos, span.end, &length);
-            if (!src) {
-                shmq_release(&self->ring, &span);
-                raise_code(self, SHMQ_CORRUPT, 0);
-                goto fail;
-            }
-            PyObject *item = PyBytes_FromStringAndSize((const char *)src, length);
-            if (!item || PyList_Append(list, item) < 0) {
-                Py_XDECREF(item);
-                /* A single consumer can leave the piece queued; a multi-consumer
-                 * claim cannot be undone. */
-                if (self->ring.multi_consumer)
-                    shmq_release(&self->ring, &span);
-                goto fail;
-            }
-            Py_DECREF(item);
-        }
-        taken += span.bytes;
-        shmq_release(&self->ring, &span);
-    }
-    return list;
-fail:
-    Py_DECREF(list);
-    return NULL;
+    return read_many(self, max, deadline, make_bytes, NULL);
 }
 
 /* ------------------------------------------------------------------ */
