@@ -41,8 +41,19 @@ setup(
     ext_modules=[
         Extension(
             "shmq._native._ring",
-            sources=["shmq/_native/_ringmodule.c", "shmq/_native/ring.c", "shmq/_native/bus.c"],
-            depends=["shmq/_native/ring.h", "shmq/_native/bus.h", "shmq/_native/_pubsub.c"],
+            sources=[
+                "shmq/_native/_ringmodule.c",
+                "shmq/_native/ring.c",
+                "shmq/_native/bus.c",
+                "shmq/_native/log.c",
+            ],
+            depends=[
+                "shmq/_native/ring.h",
+                "shmq/_native/bus.h",
+                "shmq/_native/log.h",
+                "shmq/_native/_pubsub.c",
+                "shmq/_native/_log.c",
+            ],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )

@@ -36,7 +36,7 @@ from shmq._segment import Segment
 
 PROTOCOL_VERSION = 1
 BUS_MAGIC = 0x0053554251514D48  # bus.h SHMQ_BUS_MAGIC
-BUS_VERSION = 1
+BUS_VERSION = 2
 MAX_BUS_NAME = 100
 
 # Bus segment header (bus.h and docs/ARCHITECTURE.md).
@@ -45,15 +45,40 @@ OFF_ROUTER_PID, OFF_STARTED_NS, OFF_GENERATION = 16, 24, 32
 OFF_MAX_PUBLISHERS, OFF_MAX_SUBSCRIBERS, OFF_MAX_TOPICS = 40, 44, 48
 OFF_PUBLISHERS, OFF_SUBSCRIBERS, OFF_TOPICS = 56, 64, 72
 OFF_HEARTBEAT_NS, OFF_TOPICS_USED, OFF_TOPICS_UNTRACKED = 80, 88, 96
+OFF_LOG_ERROR, OFF_LOG_NEXT, OFF_LOG_SYNCED = 104, 112, 120
 STATE_RUNNING, STATE_STOPPED = 1, 2
-COUNTER_NAMES = ("messages", "bytes", "deliveries", "drops", "stalls", "sleeps", "passes", "redeliveries")
+COUNTER_NAMES = (
+    "messages",
+    "bytes",
+    "deliveries",
+    "drops",
+    "stalls",
+    "sleeps",
+    "passes",
+    "redeliveries",
+    "appended",
+    "log_bytes",
+    "syncs",
+    "spilled",
+    "replayed",
+)
 
-PUBLISHER_SLOT = 128
-SUBSCRIBER_SLOT = 512
+PUBLISHER_SLOT = _ring.PUBLISHER_SLOT
+SUBSCRIBER_SLOT = _ring.SUBSCRIBER_SLOT
 TOPIC_SLOT = 320
 SLOT_FREE, SLOT_LIVE, SLOT_DRAINING, SLOT_CORRUPT = 0, 1, 2, 3
 SLOT_STATES = {SLOT_FREE: "free", SLOT_LIVE: "live", SLOT_DRAINING: "draining", SLOT_CORRUPT: "corrupt"}
-SUBSCRIBER_DESCRIPTION = 128  # offset of the JSON description in a subscriber slot
+# Subscriber slot statistics (bus.h SHMQ_SS_*): persistence
+SS_SPILLED, SS_SPILL_BYTES, SS_SPILL_FULL, SS_REPLAYED, SS_LOG_SEQ, SS_SKIPPED, SS_SPILL_MAX = (
+    112,
+    120,
+    128,
+    136,
+    144,
+    152,
+    160,
+)
+SUBSCRIBER_DESCRIPTION = 256  # offset of the JSON description in a subscriber slot
 SUBSCRIBER_DESCRIPTION_MAX = SUBSCRIBER_SLOT - SUBSCRIBER_DESCRIPTION
 
 POLICIES = {
@@ -61,6 +86,7 @@ POLICIES = {
     "drop": _ring.POLICY_DROP,
     "drop_oldest": _ring.POLICY_DROP_OLDEST,
     "conflate": _ring.POLICY_CONFLATE,
+    "spill": _ring.POLICY_SPILL,
 }
 
 _U64 = struct.Struct("<Q")
@@ -188,14 +214,20 @@ class SubscriberStats:
     too_large: int  #: of the drops: messages larger than its ring's max_message (any policy)
     filtered: int  #: messages on matching topics that its where= filter rejected
     pending: int  #: messages the router holds for it (conflation, last values not yet written)
-    lag: int  #: depth_messages + pending: how many messages it is behind
+    lag: int  #: depth_messages + pending (+ spilled messages not yet back): how far behind it is
+    spilled: int = 0  #: on_full="spill": messages written to its spill file
+    spill_bytes: int = 0  #: bytes in its spill file now
+    spill_full: int = 0  #: times its spill file reached max_spill_bytes (it blocked then)
+    replayed: int = 0  #: messages it got from the durable log (start= or durable=)
+    log_seq: int = 0  #: the log sequence of the last of them
+    skipped: int = 0  #: log records it never got (removed by retention, or damaged)
 
 
 @dataclass(frozen=True)
 class TopicStats:
     topic: str
     messages: int  #: published messages the router routed
-    bytes: int  #: their bytes as carried: 32-byte message header, topic, headers and payload
+    bytes: int  #: their bytes as carried: 40-byte message header, topic, headers and payload
     deliveries: int  #: copies written into subscriber rings (a group delivery counts once)
     drops: int
     last_seq: int
@@ -222,6 +254,14 @@ class BusStats:
     subscribers: tuple[SubscriberStats, ...]
     topics: tuple[TopicStats, ...]
     untracked_topics: int  #: topics beyond max_topics (routed, but without statistics)
+    appended: int = 0  #: records appended to the durable log
+    log_bytes: int = 0
+    syncs: int = 0  #: fdatasync calls that flushed the log
+    spilled: int = 0  #: messages written to spill files
+    replayed: int = 0  #: messages delivered from the log
+    log_next_seq: int = 0  #: the durable log's next sequence (0: no log)
+    log_synced_seq: int = 0  #: every record up to here is on disk
+    log_error: int = 0  #: errno of the log's last failure (0: healthy)
 
 
 def _name(buf: Any, off: int, size: int) -> str:
@@ -282,6 +322,12 @@ def read_subscriber(bus: str, buf: Any, off: int, live_ring: Any = None) -> Subs
         filtered=u64(buf, off + 40),
         pending=pending,
         lag=depth + pending,
+        spilled=u64(buf, off + SS_SPILLED),
+        spill_bytes=u64(buf, off + SS_SPILL_BYTES),
+        spill_full=u64(buf, off + SS_SPILL_FULL),
+        replayed=u64(buf, off + SS_REPLAYED),
+        log_seq=u64(buf, off + SS_LOG_SEQ),
+        skipped=u64(buf, off + SS_SKIPPED),
     )
 
 
@@ -367,6 +413,14 @@ def snapshot(bus: str, buf: Any) -> BusStats:
         subscribers=subscribers,
         topics=topics,
         untracked_topics=u64(buf, OFF_TOPICS_UNTRACKED),
+        appended=counters["appended"],
+        log_bytes=counters["log_bytes"],
+        syncs=counters["syncs"],
+        spilled=counters["spilled"],
+        replayed=counters["replayed"],
+        log_next_seq=u64(buf, OFF_LOG_NEXT),
+        log_synced_seq=u64(buf, OFF_LOG_SYNCED),
+        log_error=u32(buf, OFF_LOG_ERROR),
     )
 
 

@@ -97,6 +97,18 @@ class RouterUnavailable(ShmqError, ConnectionError):
     (also `ConnectionError`). Start one with ``shmq router BUS`` or ``shmq.Router(BUS)``."""
 
 
+class LogWriteError(ShmqError, OSError):
+    """The router could not write its durable log (a full disk, a file size limit, an I/O error;
+    also `OSError`, with its errno). Nothing is lost: durable messages wait in their publishers'
+    rings and the router retries; free space (or raise the limit) and they go on."""
+
+
+class NotDurable(ShmqError, TimeoutError):
+    """``fsync="always"``: the message was published but the router did not confirm it on disk
+    within the timeout (also `TimeoutError`). It stays queued and is written when the router can;
+    publish with a longer timeout, or check the router's log for why."""
+
+
 class CorruptSegment(ShmqError):
     """The segment's bytes are not a valid shmq ring: wrong magic, bad size, damaged frames."""
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import datetime
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from shmq import _bus
+from shmq import _bus, _durable
 from shmq._async import RingWaiter
 from shmq._bus import POLICIES, PublisherStats, SubscriberStats, validate_bus
 from shmq._errors import (
@@ -33,6 +36,8 @@ from shmq._errors import (
     Empty,
     Full,
     InvalidArgument,
+    LogWriteError,
+    NotDurable,
     NotFound,
     RouterUnavailable,
     ShmqError,
@@ -42,7 +47,7 @@ from shmq._segment import Segment
 from shmq._wire import encode_headers
 from shmq.filters import compile_filter
 from shmq.queue import DEFAULT_CAPACITY, WAITS, Kind, Queue, Wait, _check_capacity
-from shmq.topics import validate_pattern, validate_topic
+from shmq.topics import matches, validate_pattern, validate_topic
 
 __all__ = ["Message", "Publisher", "Subscriber"]
 
@@ -331,6 +336,72 @@ class Publisher(_ring.PublisherCore, _Client):
     def _connected(self, reply: dict[str, Any]) -> None:
         segment = self._map_bus(reply)
         self._set_bus(segment.mapping)
+        durable = tuple(reply.get("durable", ()))
+        if durable and reply.get("fsync") == "always":
+            # Only then does publish wait for the disk; otherwise it stays the native call.
+            self._durable_patterns = durable
+            self._durable_cache: dict[str, bool] = {}
+            self.publish = self._publish_durable  # type: ignore[method-assign]
+            self.publish_many = self._publish_many_durable  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("publish", None)
+            self.__dict__.pop("publish_many", None)
+
+    def _is_durable(self, topic: str) -> bool:
+        known = self._durable_cache.get(topic)
+        if known is None:
+            known = self._durable_cache[topic] = any(matches(p, topic) for p in self._durable_patterns)
+        return known
+
+    def _publish_durable(
+        self, topic: str, data: Any, headers: Any = None, timeout: float | None = None
+    ) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq = int(_ring.PublisherCore.publish(self, topic, data, headers, timeout))
+        if self._is_durable(topic):
+            self._await_disk(deadline)
+        return seq
+
+    def _publish_many_durable(
+        self, topic: str, messages: Any, headers: Any = None, timeout: float | None = None
+    ) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq = int(_ring.PublisherCore.publish_many(self, topic, messages, headers, timeout))
+        if self._is_durable(topic):
+            self._await_disk(deadline)
+        return seq
+
+    def _await_disk(self, deadline: float | None) -> None:
+        """fsync="always": return once the router says our ring is on disk up to our last message."""
+        pos = self._last_end()
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            segment = self._bus_segment
+            if segment is None or self._slot < 0:
+                if not self._link.wait_connected(
+                    time.monotonic_ns() + int((0.1 if left is None else min(left, 0.1)) * 1e9)
+                ):
+                    self._check_open()
+                continue
+            off = _bus.u64(segment.mapping, _bus.OFF_PUBLISHERS) + self._slot * _bus.PUBLISHER_SLOT
+            if self._wait_durable(pos, off, 0.1 if left is None else min(left, 0.1)):
+                return
+            self._check_open()
+        segment = self._bus_segment
+        errno = _bus.u32(segment.mapping, _bus.OFF_LOG_ERROR) if segment is not None else 0
+        if errno:
+            raise LogWriteError(
+                errno,
+                f"bus {self._bus!r}: the router cannot write its durable log ({os.strerror(errno)}); the "
+                "message is queued and will be written once it can: free disk space (or raise the "
+                "limit) on the router's data directory",
+            )
+        raise NotDurable(
+            f"bus {self._bus!r}: the message was published, but the router did not confirm it on disk "
+            "within the timeout; it stays queued. Publish with a longer timeout, or check the router"
+        )
 
     def _disconnected(self) -> None:
         self._set_bus(None)
@@ -417,6 +488,21 @@ def _patterns(patterns: object) -> tuple[str, ...]:
     return out
 
 
+def _start(start: object) -> Any:
+    """start= as the router takes it: "earliest", "latest", a log seq, or {"time_ns": ...}."""
+    if start is None or start in ("earliest", "latest"):
+        return start
+    if isinstance(start, datetime.datetime):
+        return {"time_ns": int(start.timestamp() * 1_000_000) * 1000}
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise ArgumentTypeError(
+            f"start must be 'earliest', 'latest', a log sequence (int) or a datetime, got {start!r}"
+        )
+    if start < 1:
+        raise InvalidArgument(f"start must be a log sequence from 1, got {start}")
+    return start
+
+
 def _group(group: object) -> str | None:
     if group is None:
         return None
@@ -439,6 +525,15 @@ class Subscriber(_ring.SubscriberCore, _Client):
     per topic until there is room). Drops are counted in `stats()`. ``last_value=True`` first
     delivers the newest message of every matching topic the router has seen.
 
+    Persistence (a router with a data directory and durable topics): ``on_full="spill"`` spills
+    what does not fit to a file (up to `max_spill_bytes`) and feeds it back in order, losing
+    nothing. ``start=`` replays durable topics from the log: "earliest", "latest", a log sequence
+    (`Message.log_seq`) or a `datetime`, then goes on live with no gap or duplicate at the seam.
+    ``durable="name"`` keeps the subscription's position in the router's data directory: after a
+    crash, a new Subscriber with the same name resumes after the last message acknowledged with
+    ``msg.ack()`` / ``sub.ack(msg)`` (cumulative); unacknowledged ones come again with
+    ``msg.redelivered`` True (at-least-once).
+
     ``recv(timeout=None)`` returns a `Message` and raises `Empty` at the timeout;
     ``recv_many`` returns a list ([] at the timeout); iterating blocks and ends when the
     subscriber is closed; ``recv_async`` / ``aiter()`` are for asyncio.
@@ -454,11 +549,26 @@ class Subscriber(_ring.SubscriberCore, _Client):
         on_full: str = "block",
         capacity: int = DEFAULT_CAPACITY,
         last_value: bool = False,
+        start: str | int | datetime.datetime | None = None,
+        durable: str | None = None,
+        max_spill_bytes: int | None = None,
         wait: Wait = "adaptive",
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self._bus = validate_bus(bus)
         self.patterns = _patterns(patterns)
+        self.durable = None if durable is None else _durable.validate_durable_name(durable)
+        wire_start = _start(start)
+        if max_spill_bytes is not None:
+            if isinstance(max_spill_bytes, bool) or not isinstance(max_spill_bytes, int):
+                raise ArgumentTypeError(
+                    f"max_spill_bytes must be an int, got {type(max_spill_bytes).__name__}"
+                )
+            if max_spill_bytes < 1 or on_full != "spill":
+                raise InvalidArgument("max_spill_bytes is a positive int, and only for on_full='spill'")
+        if (start is not None or durable is not None) and group is not None:
+            raise InvalidArgument("start= and durable= cannot be used with group=")
+        self._durable_state: _durable.DurableState | None = None
         self.where = None if where is None else str(compile_filter(where))  # canonical text
         self.group = _group(group)
         if not isinstance(on_full, str) or on_full not in POLICIES:
@@ -467,6 +577,10 @@ class Subscriber(_ring.SubscriberCore, _Client):
             raise InvalidArgument(
                 f"on_full={on_full!r} cannot be used with group=: a queue group shares messages between "
                 "members, so it takes 'block' (lossless) or 'drop'"
+            )
+        if self.durable is not None and on_full != "block":
+            raise InvalidArgument(
+                "a durable subscription is fed from the log, which waits for it: it takes on_full='block'"
             )
         if not isinstance(wait, str) or wait not in WAITS:
             raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
@@ -493,14 +607,50 @@ class Subscriber(_ring.SubscriberCore, _Client):
                 "group": self.group,
                 "on_full": on_full,
                 "last_value": self.last_value,
+                "start": wire_start,
+                "durable": self.durable,
+                "max_spill_bytes": max_spill_bytes,
             }
-            self._link = _Link(bus, hello, self._map_bus, lambda: self._unmap_bus())
+            self._link = _Link(bus, hello, self._sub_connected, self._sub_disconnected)
             self._link.open(connect_timeout)
             self._link.hello["last_value"] = False  # after a router restart there is nothing to replay
         except BaseException:
             ring.close()
             ring.unlink()
             raise
+
+    def _sub_connected(self, reply: dict[str, Any]) -> Segment:
+        segment = self._map_bus(reply)
+        path = reply.get("durable_state")
+        if path is not None and self._durable_state is None:
+            self._durable_state = _durable.DurableState(Path(path))
+            self._set_acker(self._ack_seq)
+        return segment
+
+    def _sub_disconnected(self) -> None:
+        # After a router restart a replaying subscriber goes on after what its ring got, not
+        # from its start= again (durable subscriptions: the router knows from their state file).
+        segment = self._bus_segment
+        if segment is not None and self._slot >= 0 and self._link.hello.get("start") is not None:
+            off = _bus.u64(segment.mapping, _bus.OFF_SUBSCRIBERS) + self._slot * _bus.SUBSCRIBER_SLOT
+            last = _bus.u64(segment.mapping, off + _bus.SS_LOG_SEQ)
+            if last:
+                self._link.hello["start"] = last + 1
+        self._unmap_bus()
+
+    def _ack_seq(self, log_seq: int) -> None:
+        if self._durable_state is None:
+            raise InvalidArgument("only a durable subscription (durable=name) acknowledges messages")
+        if not log_seq:
+            raise InvalidArgument("this message is not from the durable log (it has no log_seq)")
+        self._durable_state.ack(int(log_seq))
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge `message` and every message before it (durable subscriptions)."""
+        if not isinstance(message, Message):
+            raise ArgumentTypeError(f"ack() takes a Message, got {type(message).__name__}")
+        self._check_open()
+        self._ack_seq(message.log_seq or 0)
 
     def __iter__(self) -> Iterator[Message]:
         """Every message, blocking between them; ends when the subscriber is closed."""
@@ -541,6 +691,10 @@ class Subscriber(_ring.SubscriberCore, _Client):
         self._link.close()
         if self._waiter is not None:
             self._waiter.close()
+        self._set_acker(None)
+        if self._durable_state is not None:
+            self._durable_state.close()
+            self._durable_state = None
         self._release_ring()
 
     def __enter__(self) -> Subscriber:

@@ -24,6 +24,7 @@ import os
 import random
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,9 +33,10 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from shmq import _bus
+from shmq import _bus, _durable
 from shmq._bus import (
     OFF_GENERATION,
     OFF_HEARTBEAT_NS,
@@ -66,7 +68,16 @@ from shmq._bus import (
     put_u64,
     validate_bus,
 )
-from shmq._errors import AlreadyExists, InvalidArgument, NotFound, RouterUnavailable, ShmqError
+from shmq._durable import DurableState, Persistence
+from shmq._errors import (
+    AlreadyExists,
+    ArgumentTypeError,
+    InvalidArgument,
+    LogWriteError,
+    NotFound,
+    RouterUnavailable,
+    ShmqError,
+)
 from shmq._native import _ring
 from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment
 from shmq._wire import encode_filter
@@ -110,6 +121,11 @@ class _Subscriber:
     segment: Segment
     link: LineSocket | None
     capacity: int
+    log_fed: bool = False  # fed from the durable log (start= or durable=), not by durable routes
+    state: DurableState | None = None  # durable=: its state file
+    durable_name: str | None = None
+    spill_dir: Path | None = None
+    spill_full_seen: int = 0
 
 
 @dataclass
@@ -146,8 +162,10 @@ class _RouterCore:
         max_subscribers: int,
         max_topics: int,
         last_value: bool,
+        persistence: Persistence | None = None,
     ) -> None:
         self.bus = bus
+        self.persistence = persistence or Persistence()
         self.wait_code = WAITS[wait]
         self.spin_ns = spin_ns
         self.max_publishers, self.max_subscribers, self.max_topics = (
@@ -165,6 +183,19 @@ class _RouterCore:
             self.listener.close()
             raise
         self.forwarder = _ring.Forwarder(self.segment.mapping)
+        self.data_dir: _durable.DataDir | None = None
+        self.flusher: _durable.Flusher | None = None
+        self.log_errors = 0
+        self.next_retention = 0.0
+        try:
+            self._open_persistence()
+        except BaseException:
+            self.listener.close()
+            del self.forwarder
+            with contextlib.suppress(NotFound):
+                Segment.unlink(self.segment.name)
+            self.segment.close()
+            raise
         self.publishers: dict[int, _Publisher] = {}
         self.subscribers: dict[int, _Subscriber] = {}
         self.groups: dict[tuple[str, tuple[str, ...], str | None], _Group] = {}
@@ -181,6 +212,62 @@ class _RouterCore:
         self.forward_error: BaseException | None = None
 
     # -- set-up and tear-down ------------------------------------------------------------------
+
+    def _open_persistence(self) -> None:
+        p = self.persistence
+        spill_root = p.spill_root(self.bus)
+        with contextlib.suppress(OSError):  # spill files of an earlier router of this bus: stale
+            for entry in spill_root.iterdir():
+                if entry.name.startswith(f"{self.bus}."):
+                    shutil.rmtree(entry, ignore_errors=True)
+        if p.data_dir is None:
+            return
+        self.data_dir = _durable.DataDir(p.data_dir)
+        try:
+            info = self.forwarder.open_log(str(p.log_dir), p.segment_bytes, _durable.FSYNC_CODES[p.fsync])
+        except OSError as exc:
+            self.data_dir.close()
+            raise LogWriteError(
+                exc.errno or 0, f"cannot open the durable log: {exc.strerror or exc}"
+            ) from None
+        for segment, offset, length, truncated in info["damage"]:
+            if truncated:
+                log.warning(
+                    "log %s: segment %020d: cut a torn or corrupt last record at offset %d (%d bytes)",
+                    p.log_dir,
+                    segment,
+                    offset,
+                    length,
+                )
+            elif length:
+                log.warning(
+                    "log %s: segment %020d: skipped %d damaged bytes at offset %d (later records are kept)",
+                    p.log_dir,
+                    segment,
+                    length,
+                    offset,
+                )
+            else:
+                log.warning("log %s: segment %020d has a damaged header; it is skipped", p.log_dir, segment)
+        log.info(
+            "bus %r: durable log %s: records %d..%d, durable topics %s, fsync=%s",
+            self.bus,
+            p.log_dir,
+            info["first_seq"],
+            info["next_seq"] - 1,
+            list(p.durable),
+            p.fsync,
+        )
+        if p.fsync != "never":
+            self.flusher = _durable.Flusher(self.forwarder, p.fsync, p.fsync_interval_ms, self._on_sync_error)
+            self.flusher.start()
+
+    def _on_sync_error(self, exc: OSError) -> None:
+        put_u32(self.segment.mapping, _bus.OFF_LOG_ERROR, exc.errno or 5)
+        log.error("bus %r: syncing the durable log failed: %s", self.bus, exc)
+
+    def _durable_topic(self, topic: str) -> bool:
+        return self.data_dir is not None and any(matches(p, topic) for p in self.persistence.durable)
 
     def _bind(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -233,6 +320,11 @@ class _RouterCore:
         self.forwarder.stop()
         if self.forward_thread is not None:
             self.forward_thread.join(5.0)
+        if self.flusher is not None:
+            self.flusher.stop()
+        if self.data_dir is not None:
+            with contextlib.suppress(OSError):
+                self.forwarder.sync(0)  # a clean stop leaves everything on disk
         with self.lock:
             clients: list[_Publisher | _Subscriber] = [*self.publishers.values(), *self.subscribers.values()]
             for client in clients:
@@ -247,9 +339,14 @@ class _RouterCore:
             del self.forwarder  # releases every ring buffer before the segments close
             for client in clients:
                 client.segment.close()
+                if isinstance(client, _Subscriber) and client.state is not None:
+                    client.state.release()
+                    client.state.close()
             with contextlib.suppress(NotFound):
                 Segment.unlink(self.segment.name)
             self.segment.close()
+            if self.data_dir is not None:
+                self.data_dir.close()
 
     # -- the data plane ------------------------------------------------------------------------
 
@@ -280,6 +377,30 @@ class _RouterCore:
             self.forwarder.map_topic(input_id, local_id, gid)
         elif event[0] == "corrupt":
             self._isolate(event[1], "a message or cursor failed its bounds check")
+        elif event[0] == "log_topic":
+            _, output_id, raw = event
+            gid = self._topic_id(raw.decode("utf-8", "replace"))
+            sub = self.subscribers.get(output_id)
+            if sub is not None and sub.log_fed:  # (set already unless it raced with a new topic)
+                self.forwarder.set_output_match(sub.id, [(gid, self._wants(sub, self.topic_names[gid]))])
+        elif event[0] == "log_error":
+            _, _, errno, what = event
+            put_u32(self.segment.mapping, _bus.OFF_LOG_ERROR, errno or 5)
+            if self.log_errors % 100 == 0:
+                log.error(
+                    "bus %r: cannot %s under %s: %s; durable messages wait in their publishers' rings "
+                    "(retrying every 100 ms)",
+                    self.bus,
+                    what,
+                    self.persistence.log_dir,
+                    os.strerror(errno) if errno else "error",
+                )
+            self.log_errors += 1
+            self.lock.release()
+            try:
+                self.stopping.wait(0.1)
+            finally:
+                self.lock.acquire()
 
     def _isolate(self, input_id: int, why: str) -> None:
         """Stop reading a damaged publisher ring; everyone else carries on."""
@@ -308,11 +429,19 @@ class _RouterCore:
         else:
             untracked = _bus.u64(self.segment.mapping, OFF_TOPICS_UNTRACKED)
             put_u64(self.segment.mapping, OFF_TOPICS_UNTRACKED, untracked + 1)
-        self.forwarder.add_topic(gid, stats, self.keep_last)
+        durable = self._durable_topic(topic)
+        self.forwarder.add_topic(gid, stats, self.keep_last, durable, topic.encode())
         self.topics[topic] = gid
         self.topic_names.append(topic)
         self.forwarder.update([(gid, self._targets(topic))])
+        for sub in self.subscribers.values():
+            if sub.log_fed:
+                self.forwarder.set_output_match(sub.id, [(gid, self._wants(sub, topic))])
         return gid
+
+    @staticmethod
+    def _wants(sub: _Subscriber, topic: str) -> bool:
+        return any(matches(p, topic) for p in sub.patterns)
 
     def _targets(self, topic: str) -> list[tuple[bytes | None, list[int], bool, int]]:
         targets = []
@@ -324,6 +453,8 @@ class _RouterCore:
                 targets.append((group.program, list(group.members), True, POLICIES[group.on_full]))
             else:
                 sub = self.subscribers[value]
+                if sub.log_fed and self._durable_topic(topic):
+                    continue  # it reads durable topics from the log, in log order
                 targets.append((sub.program, [sub.id], False, 0))
         return targets
 
@@ -477,7 +608,16 @@ class _RouterCore:
             raise
         put_u32(self.segment.mapping, off, SLOT_LIVE)
         self.publishers[pub.id] = pub
-        link.send({"ok": True, "bus_segment": self.segment.name, "slot": slot, "id": pub.id})
+        link.send(
+            {
+                "ok": True,
+                "bus_segment": self.segment.name,
+                "slot": slot,
+                "id": pub.id,
+                "durable": list(self.persistence.durable) if self.data_dir is not None else [],
+                "fsync": self.persistence.fsync,
+            }
+        )
         log.info("bus %r: publisher %d (pid %d) attached %s", self.bus, pub.id, pid, ring_name)
         return pub
 
@@ -496,6 +636,23 @@ class _RouterCore:
             raise InvalidArgument(f"on_full must be one of {', '.join(POLICIES)}, got {on_full!r}")
         if group is not None and on_full not in ("block", "drop"):
             raise InvalidArgument("a queue group member takes on_full='block' or 'drop'")
+        start, durable_name = message.get("start"), message.get("durable")
+        log_fed = start is not None or durable_name is not None
+        if log_fed and self.data_dir is None:
+            raise InvalidArgument(
+                f"bus {self.bus!r} has no durable log, so start= and durable= have nothing to read: run "
+                "the router with --data-dir DIR --durable PATTERN"
+            )
+        if log_fed and group is not None:
+            raise InvalidArgument("start= and durable= cannot be used with group=")
+        state = None
+        if durable_name is not None:
+            durable_name = _durable.validate_durable_name(durable_name)
+            if any(s.durable_name == durable_name for s in self.subscribers.values()):
+                raise AlreadyExists(
+                    f"durable subscription {durable_name!r} is in use by another subscriber; close it "
+                    "first, or pick another name"
+                )
         key = (str(group), tuple(sorted(set(patterns_t))), str(compile_filter(where)) if where else None)
         if group is not None and key in self.groups and self.groups[key].on_full != on_full:
             raise InvalidArgument(
@@ -507,7 +664,30 @@ class _RouterCore:
                 f"bus {self.bus!r} has {self.max_subscribers} subscribers already; start the router "
                 "with a larger max_subscribers"
             )
-        segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
+        first_seq = self._resolve_start(start) if log_fed else 0
+        redelivered_upto = 0
+        if durable_name is not None:
+            assert self.data_dir is not None
+            state = DurableState(self.data_dir.state_path(durable_name), create_start=first_seq or 1)
+            if not state.fresh:
+                if state.ring == ring_name:
+                    # The same subscriber, back after a router restart: its ring holds what was
+                    # delivered; go on after that.
+                    first_seq = state.delivered + 1 if state.delivered else state.start_seq
+                else:
+                    # A new subscriber process: resume after the last acknowledged record; what
+                    # was delivered and not acknowledged comes again, flagged redelivered.
+                    first_seq = max(state.acked + 1, state.start_seq)
+                    redelivered_upto = state.delivered
+            elif first_seq == 0:
+                first_seq = int(self.forwarder.log_info()["next_seq"])
+                state.put(_durable.STATE_OFF_START, first_seq)
+        try:
+            segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
+        except BaseException:
+            if state is not None:
+                state.close()
+            raise
         slot = self.free_sub_slots.pop()
         capacity = len(segment.mapping) - _ring.HEADER_SIZE
         sub = _Subscriber(
@@ -523,6 +703,9 @@ class _RouterCore:
             segment,
             link,
             capacity,
+            log_fed=log_fed,
+            state=state,
+            durable_name=durable_name,
         )
         off = self._sub_slot_offset(slot)
         m = self.segment.mapping
@@ -535,10 +718,30 @@ class _RouterCore:
         m[off + SUBSCRIBER_DESCRIPTION : off + SUBSCRIBER_DESCRIPTION + len(description)] = description
         try:
             self.forwarder.add_output(sub.id, segment.mapping, POLICIES[on_full], off)
+            if on_full == "spill":
+                self._set_spill(sub, message.get("max_spill_bytes"))
+            if log_fed:
+                self.forwarder.set_output_log(
+                    sub.id,
+                    first_seq,
+                    redelivered_upto,
+                    None if state is None else state.mapping,
+                    _durable.STATE_OFF_DELIVERED,
+                    program,
+                )
+                self.forwarder.set_output_match(
+                    sub.id, [(gid, self._wants(sub, topic)) for topic, gid in self.topics.items()]
+                )
         except BaseException:
+            with contextlib.suppress(ShmqError):
+                self.forwarder.remove_output(sub.id)
             self.free_sub_slots.append(slot)
             segment.close()
+            if state is not None:
+                state.close()
             raise
+        if state is not None:
+            state.claim(pid, ring_name)
         put_u32(m, off, SLOT_LIVE)
         self.subscribers[sub.id] = sub
         self.awaiting.discard(ring_name)
@@ -559,15 +762,56 @@ class _RouterCore:
             wanted = [gid for topic, gid in self.topics.items() if any(matches(p, topic) for p in patterns_t)]
             replay = (sub.id, wanted, program)
         self._reroute(patterns_t, replay)
-        link.send({"ok": True, "bus_segment": self.segment.name, "slot": slot, "id": sub.id})
+        reply: dict[str, Any] = {"ok": True, "bus_segment": self.segment.name, "slot": slot, "id": sub.id}
+        if log_fed:
+            reply["first_seq"] = first_seq
+        if state is not None:
+            reply["durable_state"] = str(state.path)
+        link.send(reply)
         log.info(
             "bus %r: subscriber %d (pid %d) %s on %s", self.bus, sub.id, pid, ring_name, list(patterns_t)
         )
         return sub
 
+    def _resolve_start(self, start: Any) -> int:
+        """The first log seq for start= ("earliest" 1, "latest" 0: resolved by the forwarder)."""
+        info = self.forwarder.log_info()
+        if start is None or start == "latest":
+            return 0
+        if start == "earliest":
+            return 1
+        if isinstance(start, dict) and "time_ns" in start:
+            reader = _ring.LogReader(str(self.persistence.log_dir), time_ns=int(start["time_ns"]))
+            try:
+                return max(int(reader.next_seq), 1)
+            finally:
+                reader.close()
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise ArgumentTypeError(
+                f"start must be 'earliest', 'latest', a log sequence (int) or a datetime, got {start!r}"
+            )
+        if not 1 <= start <= info["next_seq"]:
+            raise InvalidArgument(
+                f"start={start} is outside the log, which holds records {info['first_seq']} to "
+                f"{info['next_seq'] - 1} (the next one will be {info['next_seq']})"
+            )
+        return start
+
+    def _set_spill(self, sub: _Subscriber, max_bytes: Any) -> None:
+        root = self.persistence.spill_root(self.bus)
+        root.mkdir(parents=True, exist_ok=True)
+        sub.spill_dir = root / f"{self.bus}.{sub.id}.{os.getpid()}"
+        if max_bytes is None:
+            max_bytes = self.persistence.max_spill_bytes or _durable.default_max_spill_bytes(root)
+        elif isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InvalidArgument(f"max_spill_bytes must be a positive int, got {max_bytes!r}")
+        self.forwarder.set_output_spill(sub.id, str(sub.spill_dir), max_bytes, _durable.SPILL_SEGMENT_BYTES)
+
     def _remove_subscriber(self, sub: _Subscriber) -> None:
         self.subscribers.pop(sub.id, None)
         sub.link = None
+        if sub.state is not None:
+            sub.state.release()
         # EOF means the subscriber closed (and removes its ring itself) or died: either way its
         # ring goes now. (Checking for life would miss a process still exiting when asked.)
         alive = _pid_alive(sub.pid)
@@ -594,6 +838,8 @@ class _RouterCore:
             if not grp.members and not grp.orphans:
                 self._forget_group(key)
         self._free_sub_slot(sub.slot)
+        if sub.state is not None:
+            sub.state.close()
         log.info("bus %r: subscriber %d left (%s)", self.bus, sub.id, "closed" if alive else "died")
 
     def _forget_group(self, key: tuple[str, tuple[str, ...], str | None]) -> None:
@@ -620,6 +866,26 @@ class _RouterCore:
             put_u64(m, off + 64, got)
             put_u64(m, off + 72, depth)
             put_u64(m, off + 80, depth_bytes)
+            if sub.on_full == "spill":
+                full = _bus.u64(m, off + _bus.SS_SPILL_FULL)
+                if full != sub.spill_full_seen:
+                    sub.spill_full_seen = full
+                    log.warning(
+                        "bus %r: subscriber %d's spill file reached max_spill_bytes (%d times so far); "
+                        "it blocks until it catches up",
+                        self.bus,
+                        sub.id,
+                        full,
+                    )
+        if self.data_dir is not None and time.monotonic() >= self.next_retention:
+            self.next_retention = time.monotonic() + 1.0
+            p = self.persistence
+            if p.retain_bytes is not None or p.retain_seconds is not None:
+                assert p.log_dir is not None
+                try:
+                    _durable.apply_retention(self.forwarder, p.log_dir, p.retain_bytes, p.retain_seconds)
+                except OSError as exc:
+                    log.error("bus %r: retention failed: %s", self.bus, exc)
         for redelivery in list(self.redeliveries.values()):
             if self.forwarder.input_depth(redelivery.input_id) == 0:
                 self.forwarder.remove_input(redelivery.input_id)
@@ -724,14 +990,42 @@ def serve(
     max_subscribers: int = 256,
     max_topics: int = 16384,
     last_value: bool = True,
+    data_dir: str | os.PathLike[str] | None = None,
+    durable: Any = (),
+    fsync: str = "interval",
+    fsync_interval_ms: int = _durable.DEFAULT_FSYNC_INTERVAL_MS,
+    segment_bytes: int = _durable.DEFAULT_SEGMENT_BYTES,
+    retain_bytes: int | None = None,
+    retain_seconds: float | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
+    max_spill_bytes: int | None = None,
     ready: Any = None,
     handle_signals: bool = True,
 ) -> None:
     """Run a router for `bus` in this process until SIGINT or SIGTERM (then it cleans up and returns).
 
     `shmq router BUS` calls this. Raises AlreadyExists if a router already serves the bus.
+
+    Persistence: with `data_dir`, every message on a topic matching a `durable` pattern is appended
+    to a segmented log under ``data_dir/log`` before it is routed; ``fsync`` is "never" (the OS
+    flushes), "interval" (every `fsync_interval_ms`) or "always" (publish returns once the record
+    is on disk; concurrent publishers share each flush). Segments roll at `segment_bytes`;
+    `retain_bytes` / `retain_seconds` remove whole old segments. Subscribers with
+    ``on_full="spill"`` spill to files under `spill_dir` (default ``data_dir/spill``, else a
+    temporary directory), each up to `max_spill_bytes` (default: half the free space there).
     """
     validate_bus(bus)
+    options = _durable.persistence(
+        data_dir,
+        durable,
+        fsync,
+        fsync_interval_ms,
+        segment_bytes,
+        retain_bytes,
+        retain_seconds,
+        spill_dir,
+        max_spill_bytes,
+    )
     if wait not in WAITS:
         raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
     for name, value in (
@@ -764,6 +1058,7 @@ def serve(
             max_subscribers=max_subscribers,
             max_topics=max_topics,
             last_value=last_value,
+            persistence=options,
         )
         try:
             if stop_requested.is_set():
@@ -835,8 +1130,27 @@ class Router:
     topic's newest message for subscribers that ask for it).
     """
 
+    _PERSISTENCE = (
+        "data_dir",
+        "durable",
+        "fsync",
+        "fsync_interval_ms",
+        "segment_bytes",
+        "retain_bytes",
+        "retain_seconds",
+        "spill_dir",
+        "max_spill_bytes",
+    )
+
     def __init__(self, bus: str, **options: Any) -> None:
         self.bus = validate_bus(bus)
+        # Checked here, so a bad option raises InvalidArgument in the caller, not in the child.
+        _durable.persistence(**{k: v for k, v in options.items() if k in self._PERSISTENCE})
+        for key in ("data_dir", "spill_dir"):
+            if options.get(key) is not None:
+                options[key] = os.fspath(options[key])
+        if isinstance(options.get("durable"), (list, tuple)):
+            options["durable"] = list(options["durable"])
         self.options = options
         self._process: Any = None
         self._finalizer: Any = None
@@ -877,6 +1191,8 @@ class Router:
         kind, _, message = line.partition(" ")[2].partition(" ")
         if kind == "AlreadyExists":
             raise AlreadyExists(message)
+        if kind == "LogWriteError":
+            raise LogWriteError(5, message)
         if not line:
             raise RouterUnavailable(
                 f"the router for bus {self.bus!r} did not start within {timeout} s "

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 import shmq
+from shmq._native import _ring
 from shmq._wire import encode_headers
 from shmq.testing import list_segments, remove_segment
 from tests._workers import dump, load, stop_all, wait_until
@@ -39,8 +40,8 @@ Record = tuple[str, int, bytes, dict[str, Any] | None]
 
 
 def message_size(topic: str, data: bytes, headers: dict[str, Any] | None) -> int:
-    """Bytes of a whole message as the router counts them: 32-byte header, topic, headers, payload."""
-    return 32 + len(topic.encode()) + len(encode_headers(headers or {})) + len(data)
+    """Bytes of a whole message as the router counts them: 40-byte header, topic, headers, payload."""
+    return _ring.MSG_HEADER + len(topic.encode()) + len(encode_headers(headers or {})) + len(data)
 
 
 def wait_for_file(path: str | Path, timeout: float = OP_TIMEOUT) -> None:

@@ -674,7 +674,7 @@ def test_publish_too_large_and_bad_timeouts(shared_bus: str) -> None:
 @pytest.mark.parametrize(
     ("options", "error", "says"),
     [
-        ({"on_full": "spill"}, shmq.InvalidArgument, "on_full must be one of"),
+        ({"on_full": "spil"}, shmq.InvalidArgument, "on_full must be one of"),
         ({"group": "g", "on_full": "conflate"}, shmq.InvalidArgument, "cannot be used with group="),
         ({"group": "g", "on_full": "drop_oldest"}, shmq.InvalidArgument, "cannot be used with group="),
         ({"group": 5}, shmq.ArgumentTypeError, "group must be a str"),

@@ -7,7 +7,12 @@
  * the ring binding's helpers directly: parse_timeout, wait_for, claim_one,
  * finish_claim, read_span, raise_code and the error classes.
  */
+#include <errno.h>
+#include <linux/futex.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "bus.h"
 
@@ -97,8 +102,10 @@ typedef struct {
     PyObject *headers;     /* dict, decoded on first use */
     uint64_t seq;
     uint64_t timestamp_ns;
+    uint64_t log_seq;
     uint32_t publisher_id;
     uint32_t flags;
+    PyObject *acker;       /* a durable subscription's ack(log_seq), or NULL */
 } MessageObject;
 
 static PyTypeObject MessageType;
@@ -114,8 +121,10 @@ static MessageObject *message_new(PyObject *topic, const shmq_msg *m)
     msg->headers_raw = NULL;
     msg->seq = m->seq;
     msg->timestamp_ns = m->timestamp_ns;
+    msg->log_seq = m->log_seq;
     msg->publisher_id = m->publisher_id;
     msg->flags = m->flags;
+    msg->acker = NULL;
     msg->data = PyBytes_FromStringAndSize((const char *)m->payload, (Py_ssize_t)m->payload_len);
     if (msg->data && m->headers_len)
         msg->headers_raw = PyBytes_FromStringAndSize((const char *)m->headers, m->headers_len);
@@ -132,6 +141,7 @@ static void Message_dealloc(MessageObject *self)
     Py_XDECREF(self->data);
     Py_XDECREF(self->headers_raw);
     Py_XDECREF(self->headers);
+    Py_XDECREF(self->acker);
     PyObject_Free(self);
 }
 
@@ -152,6 +162,27 @@ static PyObject *Message_get_publisher(MessageObject *self, void *Py_UNUSED(c))
 static PyObject *Message_get_last_value(MessageObject *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->flags & SHMQ_MSG_LAST_VALUE);
+}
+static PyObject *Message_get_redelivered(MessageObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong((self->flags & SHMQ_MSG_REDELIVERED) != 0);
+}
+static PyObject *Message_get_log_seq(MessageObject *self, void *Py_UNUSED(c))
+{
+    if (!self->log_seq)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(self->log_seq);
+}
+
+static PyObject *Message_ack(MessageObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->acker) {
+        PyErr_SetString(error_class(E_INVALID_ARGUMENT),
+                        "this message did not come from a durable subscription: only "
+                        "Subscriber(..., durable=name) messages are acknowledged");
+        return NULL;
+    }
+    return PyObject_CallFunction(self->acker, "K", (unsigned long long)self->log_seq);
 }
 
 static PyObject *Message_get_headers(MessageObject *self, void *Py_UNUSED(c))
@@ -196,10 +227,11 @@ static PyObject *Message_reduce(MessageObject *self, PyObject *Py_UNUSED(ignored
     PyObject *make = PyObject_GetAttrString(PyImport_AddModule("shmq._native._ring"), "_make_message");
     if (!make)
         return NULL;
-    return Py_BuildValue("N(OOKKOkk)", make, self->topic, self->data, (unsigned long long)self->seq,
+    return Py_BuildValue("N(OOKKOkkK)", make, self->topic, self->data, (unsigned long long)self->seq,
                          (unsigned long long)self->timestamp_ns,
                          self->headers_raw ? self->headers_raw : Py_None,
-                         (unsigned long)self->publisher_id, (unsigned long)self->flags);
+                         (unsigned long)self->publisher_id, (unsigned long)self->flags,
+                         (unsigned long long)self->log_seq);
 }
 
 static PyObject *Message_richcompare(MessageObject *a, PyObject *other, int op)
@@ -208,7 +240,7 @@ static PyObject *Message_richcompare(MessageObject *a, PyObject *other, int op)
         Py_RETURN_NOTIMPLEMENTED;
     MessageObject *b = (MessageObject *)other;
     int eq = a->seq == b->seq && a->timestamp_ns == b->timestamp_ns &&
-             a->publisher_id == b->publisher_id && a->flags == b->flags;
+             a->publisher_id == b->publisher_id && a->flags == b->flags && a->log_seq == b->log_seq;
     if (eq) {
         int t = PyObject_RichCompareBool(a->topic, b->topic, Py_EQ);
         int d = t > 0 ? PyObject_RichCompareBool(a->data, b->data, Py_EQ) : t;
@@ -228,6 +260,8 @@ static PyMethodDef Message_methods[] = {
     {"latency_ns", (PyCFunction)Message_latency, METH_NOARGS,
      "latency_ns() -> int: time.monotonic_ns() - timestamp_ns, the one-way latency so far."},
     {"__reduce__", (PyCFunction)Message_reduce, METH_NOARGS, NULL},
+    {"ack", (PyCFunction)Message_ack, METH_NOARGS,
+     "ack(): acknowledge this message and every one before it (durable subscriptions)."},
     {NULL},
 };
 
@@ -241,6 +275,10 @@ static PyGetSetDef Message_getset[] = {
     {"publisher_id", (getter)Message_get_publisher, NULL, "the publishing Publisher's id", NULL},
     {"last_value", (getter)Message_get_last_value, NULL,
      "True if replayed from the router's last-value cache when subscribing", NULL},
+    {"redelivered", (getter)Message_get_redelivered, NULL,
+     "True if a durable subscription was sent it before and did not acknowledge it", NULL},
+    {"log_seq", (getter)Message_get_log_seq, NULL,
+     "its sequence in the durable log (durable topics), else None", NULL},
     {NULL},
 };
 
@@ -262,8 +300,9 @@ static PyObject *mod_make_message(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *topic, *data, *headers;
     unsigned long long seq, ts;
     unsigned long pub = 0, flags = 0;
-    if (!PyArg_ParseTuple(args, "UO!KKO|kk:_make_message", &topic, &PyBytes_Type, &data, &seq, &ts,
-                          &headers, &pub, &flags))
+    unsigned long long log_seq = 0;
+    if (!PyArg_ParseTuple(args, "UO!KKO|kkK:_make_message", &topic, &PyBytes_Type, &data, &seq, &ts,
+                          &headers, &pub, &flags, &log_seq))
         return NULL;
     if (headers != Py_None && !PyBytes_Check(headers)) {
         PyErr_SetString(PyExc_TypeError, "headers must be the encoded bytes or None");
@@ -286,6 +325,8 @@ static PyObject *mod_make_message(PyObject *Py_UNUSED(m), PyObject *args)
     msg->timestamp_ns = ts;
     msg->publisher_id = (uint32_t)pub;
     msg->flags = (uint32_t)flags;
+    msg->log_seq = log_seq;
+    msg->acker = NULL;
     return (PyObject *)msg;
 }
 
@@ -308,6 +349,7 @@ typedef struct {
     uint32_t publisher_id;
     Py_buffer bus;         /* the router's bus segment (doorbell), while connected */
     int have_bus;
+    uint64_t last_end;     /* ring position after the last message this publisher committed */
     PyObject *weakreflist;
 } PublisherCoreObject;
 
@@ -406,6 +448,49 @@ static PyObject *PublisherCore_set_bus(PublisherCoreObject *self, PyObject *bus)
     Py_RETURN_NONE;
 }
 
+static PyObject *PublisherCore_last_end(PublisherCoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(self->last_end);
+}
+
+/* _wait_durable(pos, slot_offset, timeout) -> bool: waits (GIL released) until the router says
+ * this publisher's ring is on disk up to `pos` (fsync="always"); False at the timeout or
+ * without a router. */
+static PyObject *PublisherCore_wait_durable(PublisherCoreObject *self, PyObject *args)
+{
+    unsigned long long pos;
+    long long off;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "KLd:_wait_durable", &pos, &off, &timeout))
+        return NULL;
+    if (!self->have_bus || off < 0 || off + SHMQ_PUBLISHER_SLOT > self->bus.len)
+        Py_RETURN_FALSE;
+    uint8_t *slot = (uint8_t *)self->bus.buf + off;
+    _Atomic uint32_t *word = (_Atomic uint32_t *)(slot + SHMQ_PS_SYNC_FUTEX);
+    _Atomic uint64_t *durable = (_Atomic uint64_t *)(slot + SHMQ_PS_DURABLE_POS);
+    int64_t deadline = shmq_now_ns() + (int64_t)(timeout * 1e9);
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        /* SYNC: the word first, then the position (acquire both): a confirmation published
+         * after our load of the word changes the word, so the futex wait returns at once. */
+        uint32_t seen = atomic_load_explicit(word, memory_order_acquire);
+        if (atomic_load_explicit(durable, memory_order_acquire) >= pos) {
+            ok = 1;
+            break;
+        }
+        int64_t left = deadline - shmq_now_ns();
+        if (left <= 0)
+            break;
+        if (left > 20000000)
+            left = 20000000; /* re-check now and then: the router may have gone */
+        struct timespec ts = {left / 1000000000, left % 1000000000};
+        syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *PublisherCore_get_connected(PublisherCoreObject *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->have_bus);
@@ -477,6 +562,7 @@ static void write_message_header(uint8_t *dst, uint32_t topic_id, const pub_topi
     memcpy(dst + SHMQ_MSG_OFF_FLAGS, &flags, 4);
     memcpy(dst + SHMQ_MSG_OFF_SEQ, &seq, 8);
     memcpy(dst + SHMQ_MSG_OFF_TIMESTAMP, &ts, 8);
+    memset(dst + SHMQ_MSG_OFF_LOG_SEQ, 0, 8);
     memcpy(dst + SHMQ_MSG_HEADER, t->bytes, t->len);
 }
 
@@ -548,6 +634,7 @@ static PyObject *PublisherCore_publish(PublisherCoreObject *self, PyObject *cons
             memcpy(dst + SHMQ_MSG_HEADER + t->len + hl, view.buf, (size_t)view.len);
             if (finish_claim(ring, &span, 1, deadline) == 0) {
                 t->seq = seq;
+                self->last_end = span.end;
                 publisher_ring_doorbell(self);
                 result = PyLong_FromUnsignedLongLong(seq);
             }
@@ -660,6 +747,7 @@ static PyObject *PublisherCore_publish_many(PublisherCoreObject *self, PyObject 
                 break;
             }
             t->seq = s;
+            self->last_end = span.end;
             got += (Py_ssize_t)span.count;
             publisher_ring_doorbell(self);
         }
@@ -693,6 +781,8 @@ static PyMethodDef PublisherCore_methods[] = {
      "publish_many(topic, messages, headers=None, timeout=None) -> int: the last sequence number."},
     {"_add_topic", (PyCFunction)PublisherCore_add_topic, METH_VARARGS, NULL},
     {"_set_bus", (PyCFunction)PublisherCore_set_bus, METH_O, NULL},
+    {"_last_end", (PyCFunction)PublisherCore_last_end, METH_NOARGS, NULL},
+    {"_wait_durable", (PyCFunction)PublisherCore_wait_durable, METH_VARARGS, NULL},
     {"_last_seqs", (PyCFunction)PublisherCore_last_seqs, METH_NOARGS, NULL},
     {NULL},
 };
@@ -732,6 +822,7 @@ typedef struct {
     PyObject_HEAD
     RingObject *ring;
     cached_topic *cache;   /* by router topic number, direct-mapped */
+    PyObject *acker;       /* durable subscriptions: given to each message for msg.ack() */
     PyObject *weakreflist;
 } SubscriberCoreObject;
 
@@ -763,6 +854,7 @@ static void SubscriberCore_dealloc(SubscriberCoreObject *self)
             Py_XDECREF(self->cache[i].str);
     free(self->cache);
     Py_XDECREF(self->ring);
+    Py_XDECREF(self->acker);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -791,7 +883,10 @@ static MessageObject *decode_frame(SubscriberCoreObject *self, const uint8_t *sr
         return NULL;
     }
     PyObject *topic = topic_str(self, &m);
-    return topic ? message_new(topic, &m) : NULL;
+    MessageObject *msg = topic ? message_new(topic, &m) : NULL;
+    if (msg && self->acker && m.log_seq)
+        msg->acker = Py_NewRef(self->acker);
+    return msg;
 }
 
 static PyObject *raise_no_message(RingObject *ring)
@@ -855,7 +950,14 @@ static PyObject *SubscriberCore_recv_many(SubscriberCoreObject *self, PyObject *
     return read_many(ring, max, deadline, make_message, self);
 }
 
+static PyObject *SubscriberCore_set_acker(SubscriberCoreObject *self, PyObject *acker)
+{
+    Py_XSETREF(self->acker, acker == Py_None ? NULL : Py_NewRef(acker));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef SubscriberCore_methods[] = {
+    {"_set_acker", (PyCFunction)SubscriberCore_set_acker, METH_O, NULL},
     {"recv", (PyCFunction)(void (*)(void))SubscriberCore_recv, METH_FASTCALL | METH_KEYWORDS,
      "recv(timeout=None) -> Message: the next message; raises Empty at the timeout."},
     {"recv_many", (PyCFunction)(void (*)(void))SubscriberCore_recv_many, METH_FASTCALL | METH_KEYWORDS,
@@ -886,9 +988,13 @@ typedef struct {
     pthread_mutex_t lock;
     Py_buffer bus;
     int have_bus;
-    PyObject *buffers;     /* ("i" | "o", id) -> capsule holding the ring's Py_buffer */
+    PyObject *buffers;     /* ("i" | "o" | "d", id) -> capsule holding a ring's (or state's) Py_buffer */
     _Atomic int stopping;
     int running;
+    shmq_log log;          /* the durable log, when have_log */
+    int have_log;
+    int confirm;           /* fsync="always": publishers wait for syncs */
+    pthread_cond_t appended; /* signalled when records were appended (the flusher waits on it) */
 } ForwarderObject;
 
 static void lock_forwarder(ForwarderObject *self)
@@ -947,8 +1053,10 @@ static void reap_outputs(ForwarderObject *self)
 {
     uint32_t ids[64], n;
     while ((n = shmq_fwd_reap(self->f, ids, 64)) > 0)
-        for (uint32_t i = 0; i < n; i++)
+        for (uint32_t i = 0; i < n; i++) {
             drop_buffer(self, "o", ids[i]);
+            drop_buffer(self, "d", ids[i]);
+        }
 }
 
 static PyObject *fwd_result(ForwarderObject *self, int rc, const char *what)
@@ -986,6 +1094,7 @@ static int Forwarder_init(ForwarderObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     pthread_mutex_init(&self->lock, NULL);
+    pthread_cond_init(&self->appended, NULL);
     return 0;
 }
 
@@ -994,7 +1103,10 @@ static void Forwarder_dealloc(ForwarderObject *self)
     if (self->f) {
         shmq_fwd_free(self->f);
         pthread_mutex_destroy(&self->lock);
+        pthread_cond_destroy(&self->appended);
     }
+    if (self->have_log)
+        shmq_log_close(&self->log);
     Py_XDECREF(self->buffers);
     if (self->have_bus)
         PyBuffer_Release(&self->bus);
@@ -1099,12 +1211,19 @@ static PyObject *Forwarder_add_topic(ForwarderObject *self, PyObject *args)
 {
     unsigned long gid;
     long long stats_off;
-    int keep_last;
-    if (!PyArg_ParseTuple(args, "kLp:add_topic", &gid, &stats_off, &keep_last))
+    int keep_last, durable;
+    const char *name;
+    Py_ssize_t name_len;
+    if (!PyArg_ParseTuple(args, "kLppy#:add_topic", &gid, &stats_off, &keep_last, &durable, &name, &name_len))
         return NULL;
     FWD_CHECK(self);
+    if (durable && !self->have_log) {
+        PyErr_SetString(error_class(E_INVALID_ARGUMENT), "a durable topic needs the log open first");
+        return NULL;
+    }
     lock_forwarder(self);
-    int rc = shmq_fwd_add_topic(self->f, (uint32_t)gid, stats_off, keep_last);
+    int rc = shmq_fwd_add_topic(self->f, (uint32_t)gid, stats_off, keep_last, durable, (const uint8_t *)name,
+                                (uint32_t)name_len);
     unlock_forwarder(self);
     return fwd_result(self, rc, "topic");
 }
@@ -1328,7 +1447,10 @@ static PyObject *Forwarder_run(ForwarderObject *self, PyObject *args)
     while (!atomic_load_explicit(&self->stopping, memory_order_relaxed)) {
         int stalled;
         pthread_mutex_lock(&self->lock);
+        uint64_t before = self->have_log ? self->log.next_seq : 0;
         int64_t moved = shmq_fwd_pass(self->f, &ev, &stalled);
+        if (self->confirm && self->log.next_seq != before)
+            pthread_cond_signal(&self->appended); /* the flusher's next group commit */
         pthread_mutex_unlock(&self->lock);
         if (ev.event != SHMQ_EV_NONE)
             break;
@@ -1367,6 +1489,12 @@ static PyObject *Forwarder_run(ForwarderObject *self, PyObject *args)
                              (const char *)ev.topic, (Py_ssize_t)ev.topic_len);
     if (ev.event == SHMQ_EV_CORRUPT)
         return Py_BuildValue("(sk)", "corrupt", (unsigned long)ev.input_id);
+    if (ev.event == SHMQ_EV_LOG_TOPIC)
+        return Py_BuildValue("(sky#)", "log_topic", (unsigned long)ev.input_id, (const char *)ev.topic,
+                             (Py_ssize_t)ev.topic_len);
+    if (ev.event == SHMQ_EV_LOG_ERROR)
+        return Py_BuildValue("(skis)", "log_error", (unsigned long)ev.input_id, ev.error,
+                             ev.error_what ? ev.error_what : "write the log");
     if (PyErr_CheckSignals() < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -1377,6 +1505,9 @@ static PyObject *Forwarder_stop(ForwarderObject *self, PyObject *Py_UNUSED(ignor
     FWD_CHECK(self);
     atomic_store(&self->stopping, 1);
     shmq_fwd_wake(self->f);
+    pthread_mutex_lock(&self->lock);
+    pthread_cond_broadcast(&self->appended);
+    pthread_mutex_unlock(&self->lock);
     Py_RETURN_NONE;
 }
 
@@ -1387,7 +1518,10 @@ static PyObject *Forwarder_wake(ForwarderObject *self, PyObject *Py_UNUSED(ignor
     Py_RETURN_NONE;
 }
 
+#include "_log.c"
+
 static PyMethodDef Forwarder_methods[] = {
+    LOG_FORWARDER_METHODS
     {"add_input", (PyCFunction)Forwarder_add_input, METH_VARARGS,
      "add_input(id, ring_buffer, stats_offset): read a publisher ring."},
     {"remove_input", (PyCFunction)Forwarder_remove_input, METH_O, "remove_input(id)"},
@@ -1478,17 +1612,20 @@ static PyObject *mod_ring_doorbell(PyObject *Py_UNUSED(m), PyObject *arg)
     {"filter_check", mod_filter_check, METH_O, "filter_check(program) -> bool"},                       \
     {"decode_headers", mod_decode_headers, METH_O, "decode_headers(encoded) -> dict"},                 \
     {"ring_doorbell", mod_ring_doorbell, METH_O, "ring_doorbell(bus): wake a sleeping router"},        \
-    {"_make_message", mod_make_message, METH_VARARGS, "rebuild a pickled Message"},
+    {"_make_message", mod_make_message, METH_VARARGS, "rebuild a pickled Message"},                    \
+    LOG_MODULE_METHODS
 
 static int pubsub_add_types(PyObject *m)
 {
     if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&PublisherCoreType) < 0 ||
-        PyType_Ready(&SubscriberCoreType) < 0 || PyType_Ready(&ForwarderType) < 0)
+        PyType_Ready(&SubscriberCoreType) < 0 || PyType_Ready(&ForwarderType) < 0 ||
+        PyType_Ready(&LogReaderType) < 0)
         return -1;
     if (PyModule_AddObjectRef(m, "Message", (PyObject *)&MessageType) < 0 ||
         PyModule_AddObjectRef(m, "PublisherCore", (PyObject *)&PublisherCoreType) < 0 ||
         PyModule_AddObjectRef(m, "SubscriberCore", (PyObject *)&SubscriberCoreType) < 0 ||
-        PyModule_AddObjectRef(m, "Forwarder", (PyObject *)&ForwarderType) < 0)
+        PyModule_AddObjectRef(m, "Forwarder", (PyObject *)&ForwarderType) < 0 ||
+        PyModule_AddObjectRef(m, "LogReader", (PyObject *)&LogReaderType) < 0)
         return -1;
     struct { const char *name; long value; } constants[] = {
         {"MSG_HEADER", SHMQ_MSG_HEADER}, {"MAX_HEADERS", SHMQ_MAX_HEADERS},
@@ -1496,6 +1633,13 @@ static int pubsub_add_types(PyObject *m)
         {"BUS_OFF_COUNTERS", SHMQ_BUS_OFF_COUNTERS},
         {"POLICY_BLOCK", SHMQ_BLOCK}, {"POLICY_DROP", SHMQ_DROP},
         {"POLICY_DROP_OLDEST", SHMQ_DROP_OLDEST}, {"POLICY_CONFLATE", SHMQ_CONFLATE},
+        {"POLICY_SPILL", SHMQ_SPILL},
+        {"BUS_OFF_LOG_ERROR", SHMQ_BUS_OFF_LOG_ERROR}, {"BUS_OFF_LOG_NEXT", SHMQ_BUS_OFF_LOG_NEXT},
+        {"BUS_OFF_LOG_SYNCED", SHMQ_BUS_OFF_LOG_SYNCED},
+        {"PUBLISHER_SLOT", SHMQ_PUBLISHER_SLOT}, {"SUBSCRIBER_SLOT", SHMQ_SUBSCRIBER_SLOT},
+        {"PS_DURABLE_POS", SHMQ_PS_DURABLE_POS},
+        {"LOG_HEADER", SHMQ_LOG_HEADER}, {"REC_HEADER", SHMQ_REC_HEADER},
+        {"LOG_MIN_SEGMENT", SHMQ_LOG_MIN_SEGMENT},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)

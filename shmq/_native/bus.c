@@ -35,6 +35,7 @@ static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); re
 static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 /* Statistics: the router is the only writer of its slots, readers only load,
  * so a relaxed load + store is enough (no torn values, no RMW cost). */
@@ -67,6 +68,7 @@ int shmq_msg_parse(const uint8_t *frame, uint64_t length, shmq_msg *m)
     m->flags = rd32(frame + SHMQ_MSG_OFF_FLAGS);
     m->seq = rd64(frame + SHMQ_MSG_OFF_SEQ);
     m->timestamp_ns = rd64(frame + SHMQ_MSG_OFF_TIMESTAMP);
+    m->log_seq = rd64(frame + SHMQ_MSG_OFF_LOG_SEQ);
     uint64_t fixed = (uint64_t)SHMQ_MSG_HEADER + m->topic_len + m->headers_len;
     if (m->topic_len == 0 || m->topic_len > SHMQ_MAX_TOPIC || fixed > length)
         return SHMQ_CORRUPT;
@@ -406,6 +408,21 @@ struct fwd_output {
     uint32_t pend_head, pend_n, pend_cap;
     uint32_t *pend_index; /* conflate: topic -> pend position + 1 */
     uint32_t index_cap;
+    /* Fed from the durable log (replay, durable subscriptions) rather than by durable routes: */
+    shmq_log_cursor *cursor;
+    uint8_t *match;           /* router topic -> 0 not known yet, 1 no, 2 yes */
+    uint32_t match_cap;
+    uint8_t *log_filter;
+    uint32_t log_filter_len;
+    uint64_t redelivered_upto;
+    uint64_t *delivered;      /* (a durable subscription's state file) last seq committed */
+    uint64_t written_seq;     /* last seq written, committed with the span */
+    /* Spill: a private log of what did not fit, drained in order as room frees up. */
+    char *spill_dir;
+    uint64_t spill_max, spill_segment, spill_bytes, spill_reading;
+    int spill_blocked;
+    shmq_log *spill;
+    shmq_log_cursor *spill_cursor;
 };
 
 struct fwd_route {
@@ -418,9 +435,18 @@ typedef struct fwd_topic {
     fwd_route *route;
     uint8_t *stats;
     int keep_last;
+    int durable;
     uint8_t *last;
     uint32_t last_len, last_cap;
+    uint32_t name_len;
+    uint8_t name[SHMQ_MAX_TOPIC];
 } fwd_topic;
+
+/* Where an input's messages stand in the log, for fsync="always": its ring position `pos` is
+ * durable once the log is synced up to `seq`. */
+typedef struct confirm_mark {
+    uint64_t seq, pos;
+} confirm_mark;
 
 struct fwd_input {
     shmq_ring ring;
@@ -437,6 +463,10 @@ struct fwd_input {
     fwd_output *stall_out;   /* the full subscriber it waits for (NULL: a group without members) */
     fwd_target *stall_group; /* or the group whose members are all full */
     uint32_t stall_len;
+    uint64_t stall_log_seq;  /* the stalled message's log record (it is appended once) */
+    int seen_checked;        /* recovery's memory was looked up for this publisher: 1 in it, 2 not */
+    confirm_mark *marks;
+    uint32_t marks_head, marks_n, marks_cap;
 };
 
 struct shmq_forwarder {
@@ -457,6 +487,12 @@ struct shmq_forwarder {
     _Atomic uint32_t *wait_words[MAX_WAIT_WORDS];
     uint32_t wait_values[MAX_WAIT_WORDS];
     int nwait;
+    /* the durable log (NULL: none) */
+    shmq_log *log;
+    int confirm;
+    uint64_t cur_log_seq;   /* stamped into the copies being written (0: leave the frame's) */
+    uint32_t *names;        /* open addressing: topic name -> router topic + 1 */
+    uint32_t names_cap, names_n;
 };
 
 static int grow(void **arr, uint32_t *cap, uint32_t need, size_t item)
@@ -510,6 +546,8 @@ static void pend_clear(fwd_output *o)
         memset(o->pend_index, 0, o->index_cap * sizeof *o->pend_index);
 }
 
+static void output_close_log(fwd_output *o);
+
 static void output_unref(shmq_forwarder *f, fwd_output *o)
 {
     if (--o->refs > 0)
@@ -517,6 +555,10 @@ static void output_unref(shmq_forwarder *f, fwd_output *o)
     pend_clear(o);
     free(o->pend);
     free(o->pend_index);
+    output_close_log(o);
+    free(o->match);
+    free(o->log_filter);
+    free(o->spill_dir);
     if (!grow((void **)&f->reaped, &f->reaped_cap, f->nreaped + 1, sizeof *f->reaped))
         f->reaped[f->nreaped++] = o->id;
     free(o);
@@ -544,7 +586,7 @@ fwd_output *shmq_fwd_output(shmq_forwarder *f, uint32_t id)
 int shmq_fwd_add_output(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t size, int policy,
                         int64_t stats_off)
 {
-    if (policy < SHMQ_BLOCK || policy > SHMQ_CONFLATE || shmq_fwd_output(f, id))
+    if (policy < SHMQ_BLOCK || policy > SHMQ_SPILL || shmq_fwd_output(f, id))
         return SHMQ_BAD_ARGUMENT;
     fwd_output *o = calloc(1, sizeof *o);
     if (!o)
@@ -561,7 +603,7 @@ int shmq_fwd_add_output(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t 
     o->id = id;
     o->policy = policy;
     o->refs = 1;
-    o->stats = slot(f, stats_off, 128);
+    o->stats = slot(f, stats_off, SHMQ_SUBSCRIBER_SLOT);
     f->outputs[f->noutputs++] = o;
     return SHMQ_OK;
 }
@@ -572,6 +614,31 @@ static void commit_output(fwd_output *o)
         /* Our claims were made in order by us alone, so the turn is ours. */
         shmq_commit(&o->ring, &o->span);
         o->open = 0;
+        if (o->cursor && o->written_seq) {
+            stat_set(o->stats, SHMQ_SS_LOG_SEQ, o->written_seq);
+            /* SYNC: release, after the commit: a durable subscription's state never says a
+             * record was delivered before its subscriber could read it. */
+            if (o->delivered)
+                atomic_store_explicit((_Atomic uint64_t *)o->delivered, o->written_seq, RELEASE);
+        }
+    }
+}
+
+static void output_close_log(fwd_output *o)
+{
+    if (o->cursor) {
+        shmq_log_cursor_close(o->cursor);
+        free(o->cursor);
+        o->cursor = NULL;
+    }
+    if (o->spill) {
+        shmq_log_cursor_close(o->spill_cursor);
+        free(o->spill_cursor);
+        o->spill_cursor = NULL;
+        shmq_log_destroy(o->spill);
+        free(o->spill);
+        o->spill = NULL;
+        o->spill_bytes = 0;
     }
 }
 
@@ -584,6 +651,7 @@ int shmq_fwd_remove_output(shmq_forwarder *f, uint32_t id)
         commit_output(o);
         o->dead = 1;
         pend_clear(o);
+        output_close_log(o);
         f->outputs[i] = f->outputs[--f->noutputs];
         for (uint32_t k = 0; k < f->ntouched; k++)
             if (f->touched[k] == o)
@@ -609,6 +677,8 @@ static int try_write(fwd_output *o, shmq_forwarder *f, const uint8_t *frame, uin
     memcpy(dst, frame, len);
     wr32(dst + SHMQ_MSG_OFF_TOPIC_ID, topic);
     wr32(dst + SHMQ_MSG_OFF_FLAGS, flags);
+    if (f->cur_log_seq)
+        wr64(dst + SHMQ_MSG_OFF_LOG_SEQ, f->cur_log_seq);
     if (o->open) {
         o->span.end = s.end;
         o->span.count += 1;
@@ -657,11 +727,18 @@ static void pend_update_stats(fwd_output *o)
         stat_set(o->stats, SHMQ_SS_PENDING_MAX, n);
 }
 
-/* Moves pending messages into the ring while they fit. */
+static void drain_spill(shmq_forwarder *f, fwd_output *o);
+static int spill_backlog(const fwd_output *o);
+static int spill_put(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint32_t len, uint32_t topic);
+
+/* Moves pending messages into the ring while they fit (then spilled ones: they are newer). */
 static void flush_pending(shmq_forwarder *f, fwd_output *o)
 {
-    if (o->pend_head == o->pend_n)
+    if (o->pend_head == o->pend_n) {
+        if (o->spill)
+            drain_spill(f, o);
         return;
+    }
     while (o->pend_head < o->pend_n) {
         pending_msg *p = &o->pend[o->pend_head];
         if (!try_write(o, f, p->buf, p->len, p->topic, p->flags))
@@ -706,6 +783,8 @@ static int pend_put(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint
                 p->len = len;
             }
             memcpy(p->buf, frame, len);
+            if (f->cur_log_seq && len >= SHMQ_MSG_HEADER)
+                wr64(p->buf + SHMQ_MSG_OFF_LOG_SEQ, f->cur_log_seq);
             p->flags = flags;
             return 1;
         }
@@ -716,12 +795,13 @@ static int pend_put(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint
     if (!b)
         return -1;
     memcpy(b, frame, len);
+    if (f->cur_log_seq && len >= SHMQ_MSG_HEADER)
+        wr64(b + SHMQ_MSG_OFF_LOG_SEQ, f->cur_log_seq);
     o->pend[o->pend_n] = (pending_msg){.topic = topic, .flags = flags, .len = len, .buf = b};
     o->pend_n++;
     if (replace)
         o->pend_index[topic] = o->pend_n;
     pend_update_stats(o);
-    (void)f;
     return 0;
 }
 
@@ -768,11 +848,13 @@ static int offer(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint32_
     if (too_large(f, o, len, topic_stats))
         return DELIVERED;
     flush_pending(f, o);
-    if (o->pend_head == o->pend_n && try_write(o, f, frame, len, topic, 0))
+    if (o->pend_head == o->pend_n && !spill_backlog(o) && try_write(o, f, frame, len, topic, 0))
         return DELIVERED;
     switch (o->policy) {
     case SHMQ_BLOCK:
         return STALL;
+    case SHMQ_SPILL:
+        return spill_put(f, o, frame, len, topic);
     case SHMQ_DROP:
         drop(f, o, topic_stats);
         return DELIVERED;
@@ -858,6 +940,9 @@ static int deliver_target(shmq_forwarder *f, fwd_target *t, const uint8_t *frame
 
 /* -- routes and topics ------------------------------------------------ */
 
+static int64_t names_get(shmq_forwarder *f, const uint8_t *name, uint32_t len);
+static int names_put(shmq_forwarder *f, uint32_t g);
+
 void shmq_fwd_free_targets(fwd_target *targets, uint32_t n)
 {
     if (!targets)
@@ -893,9 +978,10 @@ static void target_ref_outputs(fwd_target *targets, uint32_t n)
             targets[i].outs[k]->refs++;
 }
 
-int shmq_fwd_add_topic(shmq_forwarder *f, uint32_t global_id, int64_t stats_off, int keep_last)
+int shmq_fwd_add_topic(shmq_forwarder *f, uint32_t global_id, int64_t stats_off, int keep_last, int durable,
+                       const uint8_t *name, uint32_t name_len)
 {
-    if (global_id < f->ntopics && f->topics[global_id])
+    if ((global_id < f->ntopics && f->topics[global_id]) || name_len > SHMQ_MAX_TOPIC || names_get(f, name, name_len) >= 0)
         return SHMQ_BAD_ARGUMENT;
     if (grow((void **)&f->topics, &f->ntopics, global_id + 1, sizeof *f->topics))
         return -1;
@@ -904,7 +990,15 @@ int shmq_fwd_add_topic(shmq_forwarder *f, uint32_t global_id, int64_t stats_off,
         return -1;
     t->stats = slot(f, stats_off, 64);
     t->keep_last = keep_last;
+    t->durable = durable;
+    memcpy(t->name, name, name_len);
+    t->name_len = name_len;
     f->topics[global_id] = t;
+    if (names_put(f, global_id)) {
+        f->topics[global_id] = NULL;
+        free(t);
+        return -1;
+    }
     return SHMQ_OK;
 }
 
@@ -961,7 +1055,378 @@ static void keep_last(fwd_topic *t, const uint8_t *frame, uint32_t len)
     t->last_len = len;
 }
 
+/* -- the durable log ---------------------------------------------------- */
+
+static uint32_t name_hash(const uint8_t *p, uint32_t n)
+{
+    uint32_t h = 2166136261u;
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+static int64_t names_get(shmq_forwarder *f, const uint8_t *name, uint32_t len)
+{
+    if (!f->names_cap)
+        return -1;
+    uint32_t mask = f->names_cap - 1, at = name_hash(name, len) & mask;
+    for (; f->names[at]; at = (at + 1) & mask) {
+        fwd_topic *t = f->topics[f->names[at] - 1];
+        if (t->name_len == len && memcmp(t->name, name, len) == 0)
+            return f->names[at] - 1;
+    }
+    return -1;
+}
+
+static int names_put(shmq_forwarder *f, uint32_t g)
+{
+    if ((f->names_n + 1) * 2 > f->names_cap) {
+        uint32_t cap = f->names_cap ? f->names_cap * 2 : 256;
+        uint32_t *n = calloc(cap, sizeof *n);
+        if (!n)
+            return -1;
+        for (uint32_t i = 0; i < f->names_cap; i++)
+            if (f->names[i]) {
+                fwd_topic *t = f->topics[f->names[i] - 1];
+                uint32_t at = name_hash(t->name, t->name_len) & (cap - 1);
+                while (n[at])
+                    at = (at + 1) & (cap - 1);
+                n[at] = f->names[i];
+            }
+        free(f->names);
+        f->names = n;
+        f->names_cap = cap;
+    }
+    fwd_topic *t = f->topics[g];
+    uint32_t at = name_hash(t->name, t->name_len) & (f->names_cap - 1);
+    while (f->names[at])
+        at = (at + 1) & (f->names_cap - 1);
+    f->names[at] = g + 1;
+    f->names_n++;
+    return 0;
+}
+
+void shmq_fwd_set_log(shmq_forwarder *f, shmq_log *log, int confirm)
+{
+    f->log = log;
+    f->confirm = confirm;
+    if (log) {
+        stat_set(f->bus, SHMQ_BUS_OFF_LOG_NEXT, log->next_seq);
+        stat_set(f->bus, SHMQ_BUS_OFF_LOG_SYNCED, log->synced_seq);
+    }
+}
+
+/* Tells a publisher waiting under fsync="always" that its ring is durable up to `pos`. */
+static void publish_confirm(fwd_input *in, uint64_t pos)
+{
+    if (!in->stats)
+        return;
+    /* SYNC: release pairs with the publisher's acquire load of the position, after it
+     * sees the futex word move. */
+    atomic_store_explicit(U64_AT(in->stats, SHMQ_PS_DURABLE_POS), pos, RELEASE);
+    _Atomic uint32_t *word = U32_AT(in->stats, SHMQ_PS_SYNC_FUTEX);
+    atomic_fetch_add_explicit(word, 1, RELEASE);
+    futex(word, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* After an input released up to `pos`: that position is durable once the log is synced up to
+ * what has been appended so far. */
+static void mark_released(shmq_forwarder *f, fwd_input *in, uint64_t pos)
+{
+    uint64_t seq = f->log->next_seq - 1;
+    if (in->marks_head == in->marks_n) {
+        in->marks_head = in->marks_n = 0;
+        if (seq <= f->log->synced_seq) {
+            publish_confirm(in, pos);
+            return;
+        }
+    } else if (in->marks[in->marks_n - 1].seq == seq) {
+        in->marks[in->marks_n - 1].pos = pos;
+        return;
+    }
+    if (grow((void **)&in->marks, &in->marks_cap, in->marks_n + 1, sizeof *in->marks))
+        return; /* (out of memory: its publisher is confirmed with the next mark) */
+    in->marks[in->marks_n++] = (confirm_mark){seq, pos};
+}
+
+void shmq_fwd_log_synced(shmq_forwarder *f)
+{
+    if (!f->log)
+        return;
+    uint64_t synced = f->log->synced_seq;
+    stat_set(f->bus, SHMQ_BUS_OFF_LOG_SYNCED, synced);
+    count(f, SHMQ_C_SYNCS, 1);
+    for (uint32_t i = 0; i < f->ninputs; i++) {
+        fwd_input *in = f->inputs[i];
+        uint64_t pos = 0;
+        int moved = 0;
+        while (in->marks_head < in->marks_n && in->marks[in->marks_head].seq <= synced) {
+            pos = in->marks[in->marks_head++].pos;
+            moved = 1;
+        }
+        if (moved)
+            publish_confirm(in, pos);
+    }
+}
+
+/* Appends a durable topic's message to the log (once: a stalled message is not appended
+ * again). Returns 0, or -1 with *ev set. */
+static int log_message(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint32_t len,
+                       const shmq_msg *m, shmq_fwd_event_info *ev)
+{
+    f->cur_log_seq = 0;
+    in->stall_log_seq = 0;
+    /* A message this publisher's ring still held when the last router died may be in the
+     * log already (appended, not yet released): recovery remembers the last seq per
+     * publisher and topic. Publisher seqs only grow, so anything not above it is there. */
+    if (f->log->seen.n && m->seq <= shmq_log_seen_seq(f->log, m->publisher_id, m->topic, m->topic_len))
+        return 0;
+    uint64_t seq;
+    int rc = shmq_log_append(f->log, frame, len, 1, &seq);
+    if (rc != SHMQ_LOG_OK) {
+        ev->event = SHMQ_EV_LOG_ERROR;
+        ev->input_id = in->id;
+        ev->error = rc == SHMQ_LOG_BAD ? EMSGSIZE : f->log->error;
+        ev->error_what = rc == SHMQ_LOG_BAD ? "append a record larger than 4 GiB" : f->log->error_what;
+        return -1;
+    }
+    count(f, SHMQ_C_APPENDED, 1);
+    count(f, SHMQ_C_LOG_BYTES, len + SHMQ_REC_HEADER);
+    stat_set(f->bus, SHMQ_BUS_OFF_LOG_NEXT, f->log->next_seq);
+    if (atomic_load_explicit(U32_AT(f->bus, SHMQ_BUS_OFF_LOG_ERROR), RELAXED))
+        atomic_store_explicit(U32_AT(f->bus, SHMQ_BUS_OFF_LOG_ERROR), 0, RELAXED);
+    f->cur_log_seq = in->stall_log_seq = seq;
+    return 0;
+}
+
+int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, uint64_t redelivered_upto,
+                            uint64_t *delivered, uint8_t *filter, uint32_t filter_len)
+{
+    fwd_output *o = shmq_fwd_output(f, id);
+    if (!o || !f->log || o->cursor || o->spill_dir)
+        return SHMQ_BAD_ARGUMENT;
+    shmq_log_cursor *c = calloc(1, sizeof *c);
+    if (!c)
+        return -1;
+    /* 0: from the next record on ("latest"); 1: from the oldest one kept ("earliest"). */
+    uint64_t at = start_seq == 0 ? f->log->next_seq : start_seq == 1 ? f->log->first_seq : start_seq;
+    if (shmq_log_cursor_open(c, f->log->dir, f->log->checksums, SHMQ_START_SEQ, at ? at : 1) != SHMQ_LOG_OK) {
+        shmq_log_cursor_close(c);
+        free(c);
+        return -1;
+    }
+    o->cursor = c;
+    o->redelivered_upto = redelivered_upto;
+    o->delivered = delivered;
+    o->log_filter = filter;
+    o->log_filter_len = filter_len;
+    return SHMQ_OK;
+}
+
+int shmq_fwd_set_output_match(shmq_forwarder *f, uint32_t id, uint32_t global_id, int match)
+{
+    fwd_output *o = shmq_fwd_output(f, id);
+    if (!o || !o->cursor)
+        return SHMQ_BAD_ARGUMENT;
+    if (grow((void **)&o->match, &o->match_cap, global_id + 1, 1))
+        return -1;
+    o->match[global_id] = match ? 2 : 1;
+    return SHMQ_OK;
+}
+
+/* Delivers what the log holds for a log-fed output, as room allows. Returns records it
+ * moved past, or -1 with *ev set (a record's topic must be made known first). */
+static int64_t feed_from_log(shmq_forwarder *f, fwd_output *o, shmq_fwd_event_info *ev)
+{
+    shmq_log_record r;
+    int64_t moved = 0;
+    int rc;
+    while ((rc = shmq_log_cursor_next(o->cursor, f->log->next_seq, &r)) == SHMQ_LOG_OK) {
+        shmq_msg m;
+        if (shmq_msg_parse(r.body, r.len, &m) != SHMQ_OK || shmq_headers_check(m.headers, m.headers_len) != SHMQ_OK) {
+            o->cursor->skipped++; /* intact by its checksum, yet no message: not ours to route */
+            shmq_log_cursor_advance(o->cursor, &r);
+            continue;
+        }
+        int64_t g = names_get(f, m.topic, m.topic_len);
+        uint8_t want = g >= 0 && (uint64_t)g < o->match_cap ? o->match[g] : 0;
+        if (!want) {
+            ev->event = SHMQ_EV_LOG_TOPIC;
+            ev->input_id = o->id;
+            memcpy(ev->topic, m.topic, m.topic_len);
+            ev->topic[m.topic_len] = 0;
+            ev->topic_len = m.topic_len;
+            return -1;
+        }
+        if (want == 2) {
+            uint8_t *topic_stats = f->topics[g]->stats;
+            if (o->log_filter && !shmq_filter_eval(o->log_filter, o->log_filter_len, m.headers, m.headers_len)) {
+                stat_add(o->stats, SHMQ_SS_FILTERED, 1);
+            } else if (!too_large(f, o, r.len, topic_stats)) {
+                uint64_t before = o->written_seq;
+                o->written_seq = r.seq;
+                f->cur_log_seq = r.seq;
+                int ok = try_write(o, f, r.body, (uint32_t)r.len, (uint32_t)g,
+                                   r.seq <= o->redelivered_upto ? SHMQ_MSG_REDELIVERED : 0);
+                f->cur_log_seq = 0;
+                if (!ok) {
+                    o->written_seq = before;
+                    break;
+                }
+                stat_add(o->stats, SHMQ_SS_REPLAYED, 1);
+                count(f, SHMQ_C_REPLAYED, 1);
+            }
+        }
+        shmq_log_cursor_advance(o->cursor, &r);
+        moved++;
+    }
+    stat_set(o->stats, SHMQ_SS_SKIPPED, o->cursor->skipped);
+    if (rc == SHMQ_LOG_ERR) {
+        ev->event = SHMQ_EV_LOG_ERROR;
+        ev->input_id = o->id;
+        ev->error = o->cursor->error;
+        ev->error_what = o->cursor->error_what;
+        return -1;
+    }
+    return moved;
+}
+
+/* 1 if a log-fed output has a record to take and room for it. */
+static int log_has_work(shmq_forwarder *f, fwd_output *o)
+{
+    shmq_log_record r;
+    if (!o->cursor || o->cursor->next_seq >= f->log->next_seq)
+        return 0;
+    if (shmq_log_cursor_next(o->cursor, f->log->next_seq, &r) != SHMQ_LOG_OK)
+        return 0;
+    return shmq_condition_holds(&o->ring, SHMQ_WRITABLE, r.len);
+}
+
+/* -- spill -------------------------------------------------------------- */
+
+int shmq_fwd_set_output_spill(shmq_forwarder *f, uint32_t id, const char *dir, uint64_t max_bytes,
+                              uint64_t segment_size)
+{
+    fwd_output *o = shmq_fwd_output(f, id);
+    if (!o || o->policy != SHMQ_SPILL || o->cursor || o->spill_dir || segment_size < SHMQ_LOG_MIN_SEGMENT)
+        return SHMQ_BAD_ARGUMENT;
+    o->spill_dir = strdup(dir);
+    if (!o->spill_dir)
+        return -1;
+    o->spill_max = max_bytes;
+    o->spill_segment = segment_size;
+    return SHMQ_OK;
+}
+
+static int spill_backlog(const fwd_output *o)
+{
+    return o->spill && o->spill_cursor->next_seq < o->spill->next_seq;
+}
+
+static void spill_stats(fwd_output *o)
+{
+    stat_set(o->stats, SHMQ_SS_SPILL_BYTES, o->spill_bytes);
+    if (o->stats && o->spill_bytes > atomic_load_explicit(U64_AT(o->stats, SHMQ_SS_SPILL_MAX), RELAXED))
+        stat_set(o->stats, SHMQ_SS_SPILL_MAX, o->spill_bytes);
+}
+
+/* The ring is full (or older messages are spilled): the message goes to the spill file. Past
+ * max_spill_bytes, or when the file cannot grow, the subscriber blocks instead (counted once
+ * per episode in spill_full). */
+static int spill_put(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uint32_t len, uint32_t topic)
+{
+    if (!o->spill_dir)
+        return STALL;
+    if (o->spill_bytes + len > o->spill_max)
+        goto full;
+    if (!o->spill) {
+        o->spill = calloc(1, sizeof *o->spill);
+        o->spill_cursor = calloc(1, sizeof *o->spill_cursor);
+        if (!o->spill || !o->spill_cursor ||
+            shmq_log_open(o->spill, o->spill_dir, o->spill_segment, 0) != SHMQ_LOG_OK ||
+            shmq_log_cursor_open(o->spill_cursor, o->spill_dir, 0, SHMQ_START_SEQ, 1) != SHMQ_LOG_OK) {
+            if (o->spill_cursor) {
+                shmq_log_cursor_close(o->spill_cursor);
+                free(o->spill_cursor);
+            }
+            if (o->spill) {
+                shmq_log_destroy(o->spill);
+                free(o->spill);
+            }
+            o->spill = NULL;
+            o->spill_cursor = NULL;
+            goto full;
+        }
+        o->spill_reading = 0;
+    }
+    uint64_t seq;
+    if (shmq_log_append(o->spill, frame, len, 0, &seq) != SHMQ_LOG_OK)
+        goto full;
+    /* Stamped as the ring copy would be; drained back as it is. */
+    uint8_t *body = o->spill->last_body;
+    wr32(body + SHMQ_MSG_OFF_TOPIC_ID, topic);
+    wr32(body + SHMQ_MSG_OFF_FLAGS, 0);
+    if (f->cur_log_seq)
+        wr64(body + SHMQ_MSG_OFF_LOG_SEQ, f->cur_log_seq);
+    o->spill_bytes += len;
+    o->spill_blocked = 0;
+    stat_add(o->stats, SHMQ_SS_SPILLED, 1);
+    count(f, SHMQ_C_SPILLED, 1);
+    spill_stats(o);
+    return DELIVERED;
+full:
+    if (!o->spill_blocked) {
+        o->spill_blocked = 1;
+        stat_add(o->stats, SHMQ_SS_SPILL_FULL, 1);
+    }
+    return STALL;
+}
+
+/* Moves spilled messages back into the ring as room allows; removes the files once drained. */
+static void drain_spill(shmq_forwarder *f, fwd_output *o)
+{
+    if (!spill_backlog(o))
+        return;
+    shmq_log_record r;
+    uint64_t keep = f->cur_log_seq;
+    f->cur_log_seq = 0; /* (the spilled copy carries its own) */
+    while (shmq_log_cursor_next(o->spill_cursor, o->spill->next_seq, &r) == SHMQ_LOG_OK) {
+        if (!try_write(o, f, r.body, r.len, rd32(r.body + SHMQ_MSG_OFF_TOPIC_ID), rd32(r.body + SHMQ_MSG_OFF_FLAGS)))
+            break;
+        shmq_log_cursor_advance(o->spill_cursor, &r);
+        o->spill_bytes -= r.len;
+    }
+    f->cur_log_seq = keep;
+    if (!spill_backlog(o)) {
+        /* Drained: the copies are in the ring (committed with the pass), the file goes. */
+        shmq_log_cursor_close(o->spill_cursor);
+        free(o->spill_cursor);
+        o->spill_cursor = NULL;
+        shmq_log_destroy(o->spill);
+        free(o->spill);
+        o->spill = NULL;
+        o->spill_bytes = 0;
+    } else if (o->spill_cursor->base_seq != o->spill_reading) {
+        /* The reader moved to a newer segment: the older ones are done with. */
+        o->spill_reading = o->spill_cursor->base_seq;
+        shmq_log_remove_before(o->spill, o->spill_reading);
+    }
+    spill_stats(o);
+}
+
+static int spill_has_work(fwd_output *o)
+{
+    shmq_log_record r;
+    if (!spill_backlog(o) || o->pend_head != o->pend_n)
+        return 0;
+    if (shmq_log_cursor_next(o->spill_cursor, o->spill->next_seq, &r) != SHMQ_LOG_OK)
+        return 0;
+    return shmq_condition_holds(&o->ring, SHMQ_WRITABLE, r.len);
+}
+
 /* -- inputs ----------------------------------------------------------- */
+
+static void mark_released(shmq_forwarder *f, fwd_input *in, uint64_t pos);
 
 static fwd_input *find_input(shmq_forwarder *f, uint32_t id)
 {
@@ -988,8 +1453,12 @@ int shmq_fwd_add_input(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t s
         return -1;
     }
     in->id = id;
-    in->stats = slot(f, stats_off, 64);
+    in->stats = slot(f, stats_off, SHMQ_PUBLISHER_SLOT);
     f->inputs[f->ninputs++] = in;
+    /* What an earlier router released from this ring is in the log already (recovery synced
+     * it): confirm it, or a publisher waiting for it across the restart would wait forever. */
+    if (f->confirm && f->log)
+        mark_released(f, in, atomic_load_explicit(in->ring.head_release, ACQUIRE));
     return SHMQ_OK;
 }
 
@@ -1036,6 +1505,7 @@ int shmq_fwd_remove_input(shmq_forwarder *f, uint32_t id)
             shmq_fwd_free_targets(in->fixed, 1);
         }
         free(in->local);
+        free(in->marks);
         free(in);
         f->inputs[i] = f->inputs[--f->ninputs];
         return SHMQ_OK;
@@ -1081,7 +1551,11 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
     if (in->stalled) {
         r = in->stall_route;
         start = in->stall_target;
+        f->cur_log_seq = in->stall_log_seq;
     } else {
+        /* Durable: in the log before any subscriber can see it (copies are committed later). */
+        if (t->durable && f->log && log_message(f, in, frame, len, m, ev) < 0)
+            return -1;
         r = t->route;
         start = 0;
         stat_add(t->stats, SHMQ_TS_MESSAGES, 1);
@@ -1126,6 +1600,8 @@ static void finish_read(shmq_forwarder *f, fwd_input *in, uint64_t start, uint64
     if (done || end != start) {
         shmq_span part = {start, end, done, bytes};
         shmq_release(&in->ring, &part);
+        if (f->confirm && f->log && !in->fixed)
+            mark_released(f, in, end);
     }
     stat_add(in->stats, SHMQ_PS_MESSAGES, done);
     stat_add(in->stats, SHMQ_PS_BYTES, bytes);
@@ -1157,6 +1633,7 @@ static int64_t pass_input(shmq_forwarder *f, fwd_input *in, shmq_fwd_event_info 
             goto corrupt;
         }
         int r = deliver(f, in, frame, len, &m, ev);
+        f->cur_log_seq = 0;
         if (r != DELIVERED) {
             /* Free what is done; the rest is read again on the next pass. */
             finish_read(f, in, span.start, at, done, bytes);
@@ -1215,6 +1692,16 @@ int64_t shmq_fwd_pass(shmq_forwarder *f, shmq_fwd_event_info *ev, int *stalled)
     }
     if (n)
         f->next_input = (f->next_input + 1) % n;
+    /* Log-fed subscribers after the inputs, so what was just appended goes out in this pass. */
+    if (f->log)
+        for (uint32_t i = 0; i < f->noutputs; i++) {
+            if (!f->outputs[i]->cursor)
+                continue;
+            int64_t fed = feed_from_log(f, f->outputs[i], ev);
+            if (fed < 0)
+                break;
+            total += fed;
+        }
     commit_touched(f);
     if (total)
         count(f, SHMQ_C_PASSES, 1);
@@ -1247,6 +1734,8 @@ int shmq_fwd_has_work(shmq_forwarder *f)
         fwd_output *o = f->outputs[i];
         if (o->pend_head != o->pend_n &&
             shmq_condition_holds(&o->ring, SHMQ_WRITABLE, o->pend[o->pend_head].len))
+            return 1;
+        if ((o->spill && spill_has_work(o)) || (o->cursor && log_has_work(f, o)))
             return 1;
     }
     return 0;
@@ -1295,9 +1784,11 @@ int shmq_fwd_sleep_prepare(shmq_forwarder *f)
             watch_space(f, in->stall_out);
         }
     }
-    for (uint32_t i = 0; i < f->noutputs; i++)
-        if (f->outputs[i]->pend_head != f->outputs[i]->pend_n)
-            watch_space(f, f->outputs[i]);
+    for (uint32_t i = 0; i < f->noutputs; i++) {
+        fwd_output *o = f->outputs[i];
+        if (o->pend_head != o->pend_n || spill_backlog(o) || (o->cursor && o->cursor->next_seq < f->log->next_seq))
+            watch_space(f, o);
+    }
     atomic_thread_fence(SEQ_CST);
     return shmq_fwd_has_work(f);
 }
@@ -1375,5 +1866,6 @@ void shmq_fwd_free(shmq_forwarder *f)
     free(f->topics);
     free(f->touched);
     free(f->reaped);
+    free(f->names);
     free(f);
 }

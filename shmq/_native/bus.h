@@ -12,17 +12,19 @@
  *   4   u16 topic_len      1..255
  *   6   u16 headers_len    0..65535, the encoded headers below
  *   8   u32 publisher_id   chosen at random by the publisher, kept across restarts
- *   12  u32 flags          SHMQ_MSG_LAST_VALUE: replayed from the last-value cache
+ *   12  u32 flags          SHMQ_MSG_LAST_VALUE: replayed from the last-value cache;
+ *                          SHMQ_MSG_REDELIVERED: a durable subscription saw it before
  *   16  u64 seq            per publisher and topic, from 1
  *   24  u64 timestamp_ns   CLOCK_MONOTONIC at publish (time.monotonic_ns())
- *   32  topic bytes (UTF-8), then headers, then the payload
+ *   32  u64 log_seq        durable topics: the record's sequence in the log; else 0
+ *   40  topic bytes (UTF-8), then headers, then the payload
  *
  * Headers are a sequence of entries:
  *   u8 key_len (1..255), key bytes (UTF-8), u8 type, value:
  *   type 1 str: u16 length + UTF-8 bytes; 2 int: i64; 3 float: f64; 4 bool: u8 0/1.
  *
  * Router-to-subscriber rings carry the same bytes: the router copies each
- * message whole and only rewrites topic_id and flags in the copy.
+ * message whole and only rewrites topic_id, flags and log_seq in the copy.
  */
 #ifndef SHMQ_BUS_H
 #define SHMQ_BUS_H
@@ -30,9 +32,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "log.h"
 #include "ring.h"
 
-#define SHMQ_MSG_HEADER 32u
+#define SHMQ_MSG_HEADER 40u
 #define SHMQ_MSG_OFF_TOPIC_ID 0
 #define SHMQ_MSG_OFF_TOPIC_LEN 4
 #define SHMQ_MSG_OFF_HEADERS_LEN 6
@@ -40,7 +43,9 @@
 #define SHMQ_MSG_OFF_FLAGS 12
 #define SHMQ_MSG_OFF_SEQ 16
 #define SHMQ_MSG_OFF_TIMESTAMP 24
+#define SHMQ_MSG_OFF_LOG_SEQ 32
 #define SHMQ_MSG_LAST_VALUE 1u
+#define SHMQ_MSG_REDELIVERED 2u
 #define SHMQ_MAX_TOPIC 255u
 #define SHMQ_MAX_HEADERS 65535u
 
@@ -61,6 +66,7 @@ typedef struct shmq_msg {
     uint32_t flags;
     uint64_t seq;
     uint64_t timestamp_ns;
+    uint64_t log_seq;
     const uint8_t *topic;
     uint32_t topic_len;
     const uint8_t *headers;
@@ -104,9 +110,12 @@ int shmq_filter_eval(const uint8_t *program, uint32_t length, const uint8_t *hea
 /* -------------------------------------------------------------------- */
 
 #define SHMQ_BUS_MAGIC 0x0053554251514D48ull /* "HMQQBUS\0" read as a little-endian u64 */
-#define SHMQ_BUS_VERSION 1u
+#define SHMQ_BUS_VERSION 2u
 #define SHMQ_BUS_OFF_DOORBELL 128  /* u32 futex: bumped to wake a sleeping router */
 #define SHMQ_BUS_OFF_SLEEPING 132  /* u32: 1 while the router sleeps on the doorbell */
+#define SHMQ_BUS_OFF_LOG_ERROR 104 /* u32 errno of the durable log's last failure (0: healthy) */
+#define SHMQ_BUS_OFF_LOG_NEXT 112  /* u64 the log's next sequence */
+#define SHMQ_BUS_OFF_LOG_SYNCED 120 /* u64 every record up to here is on disk */
 #define SHMQ_BUS_OFF_COUNTERS 256  /* router counters, see shmq_bus_counters */
 
 /* Router-wide counters at SHMQ_BUS_OFF_COUNTERS (the router is the only writer). */
@@ -119,19 +128,36 @@ enum shmq_bus_counter {
     SHMQ_C_SLEEPS,         /* times the router slept on the doorbell */
     SHMQ_C_PASSES,         /* forwarding passes that moved something */
     SHMQ_C_REDELIVERIES,   /* messages a gone group member left, offered to the others */
+    SHMQ_C_APPENDED,       /* records appended to the durable log */
+    SHMQ_C_LOG_BYTES,      /* their bytes */
+    SHMQ_C_SYNCS,          /* fdatasync calls that flushed the log */
+    SHMQ_C_SPILLED,        /* copies written to spill files */
+    SHMQ_C_REPLAYED,       /* copies delivered from the log to replaying or durable subscribers */
     SHMQ_C_COUNT
 };
 
 /* Per-publisher statistics slot (router writes; offsets within the slot). */
-enum { SHMQ_PS_MESSAGES = 16, SHMQ_PS_BYTES = 24, SHMQ_PS_STALLS = 32 };
+enum { SHMQ_PS_MESSAGES = 16, SHMQ_PS_BYTES = 24, SHMQ_PS_STALLS = 32,
+       /* fsync="always": its ring is durable up to this position; the u32 after it is a futex
+        * bumped (and woken) each time that moves */
+       SHMQ_PS_DURABLE_POS = 128, SHMQ_PS_SYNC_FUTEX = 136 };
+#define SHMQ_PUBLISHER_SLOT 256
 /* Per-subscriber statistics slot. */
 enum {
     SHMQ_SS_DELIVERED = 16, SHMQ_SS_BYTES = 24, SHMQ_SS_DROPS = 32, SHMQ_SS_FILTERED = 40,
     SHMQ_SS_PENDING = 48, SHMQ_SS_PENDING_MAX = 56,
     /* 64..95: received, depth and capacity, written by the router's housekeeping */
     SHMQ_SS_STOLEN = 96,     /* drop_oldest: messages the router took back out of the ring */
-    SHMQ_SS_TOO_LARGE = 104  /* messages larger than the ring's max_message (also in drops) */
+    SHMQ_SS_TOO_LARGE = 104, /* messages larger than the ring's max_message (also in drops) */
+    SHMQ_SS_SPILLED = 112,   /* spill: messages written to its spill file */
+    SHMQ_SS_SPILL_BYTES = 120, /* spill: bytes in its spill file now */
+    SHMQ_SS_SPILL_FULL = 128,  /* spill: times the file was at max_spill_bytes (it blocked instead) */
+    SHMQ_SS_REPLAYED = 136,  /* messages delivered from the durable log */
+    SHMQ_SS_LOG_SEQ = 144,   /* the log sequence of the last of them */
+    SHMQ_SS_SKIPPED = 152,   /* log records it never got: removed by retention, or damaged */
+    SHMQ_SS_SPILL_MAX = 160  /* spill: the most bytes its spill file held */
 };
+#define SHMQ_SUBSCRIBER_SLOT 768
 /* Per-topic statistics slot. */
 enum { SHMQ_TS_MESSAGES = 8, SHMQ_TS_BYTES = 16, SHMQ_TS_DELIVERIES = 24, SHMQ_TS_DROPS = 32,
        SHMQ_TS_LAST_SEQ = 40, SHMQ_TS_LAST_TIMESTAMP = 48 };
@@ -144,7 +170,7 @@ void shmq_bus_ring_doorbell(uint8_t *bus);
 /* The forwarder: the router's data plane                               */
 /* -------------------------------------------------------------------- */
 
-enum shmq_policy { SHMQ_BLOCK = 0, SHMQ_DROP = 1, SHMQ_DROP_OLDEST = 2, SHMQ_CONFLATE = 3 };
+enum shmq_policy { SHMQ_BLOCK = 0, SHMQ_DROP = 1, SHMQ_DROP_OLDEST = 2, SHMQ_CONFLATE = 3, SHMQ_SPILL = 4 };
 
 typedef struct fwd_output fwd_output;
 typedef struct fwd_route fwd_route;
@@ -167,6 +193,8 @@ enum shmq_fwd_event {
     SHMQ_EV_NONE = 0,
     SHMQ_EV_UNKNOWN_TOPIC = 1, /* an input used a topic number not mapped yet */
     SHMQ_EV_CORRUPT = 2,       /* an input ring or message failed a bounds check */
+    SHMQ_EV_LOG_TOPIC = 3,     /* a log record's topic has no router number yet (topic, topic_len) */
+    SHMQ_EV_LOG_ERROR = 4,     /* the durable log could not be written (error: errno) */
 };
 
 typedef struct shmq_fwd_event_info {
@@ -175,6 +203,8 @@ typedef struct shmq_fwd_event_info {
     uint32_t local_topic;
     uint8_t topic[SHMQ_MAX_TOPIC + 1];
     uint32_t topic_len;
+    int error;
+    const char *error_what;
 } shmq_fwd_event_info;
 
 shmq_forwarder *shmq_fwd_new(uint8_t *bus, uint64_t bus_size);
@@ -192,7 +222,26 @@ int shmq_fwd_add_output(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t 
                         int64_t stats_off);
 int shmq_fwd_remove_output(shmq_forwarder *f, uint32_t id);
 fwd_output *shmq_fwd_output(shmq_forwarder *f, uint32_t id);
-int shmq_fwd_add_topic(shmq_forwarder *f, uint32_t global_id, int64_t stats_off, int keep_last);
+int shmq_fwd_add_topic(shmq_forwarder *f, uint32_t global_id, int64_t stats_off, int keep_last, int durable,
+                       const uint8_t *name, uint32_t name_len);
+
+/* The durable log (owned by the caller, who must keep it open while it is set). With
+ * `confirm`, inputs' positions are published to their slots as syncs cover them. */
+void shmq_fwd_set_log(shmq_forwarder *f, shmq_log *log, int confirm);
+/* After a sync: publishes confirmations up to the log's synced_seq. */
+void shmq_fwd_log_synced(shmq_forwarder *f);
+/* Feeds output `id` from the log, from record `start_seq` on, instead of from the routes of
+ * durable topics (the caller leaves it out of those). Records up to `redelivered_upto` are
+ * flagged redelivered; `delivered` (may be NULL) is kept at the last seq committed to it.
+ * Takes ownership of filter. */
+int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, uint64_t redelivered_upto,
+                            uint64_t *delivered, uint8_t *filter, uint32_t filter_len);
+/* Whether log-fed output `id` takes topic `global_id` (set for every topic the log carries). */
+int shmq_fwd_set_output_match(shmq_forwarder *f, uint32_t id, uint32_t global_id, int match);
+/* Makes output `id` spill to files under `dir` (created, and removed when drained) when its ring
+ * is full, up to max_bytes; past that it blocks. */
+int shmq_fwd_set_output_spill(shmq_forwarder *f, uint32_t id, const char *dir, uint64_t max_bytes,
+                              uint64_t segment_size);
 int shmq_fwd_map_topic(shmq_forwarder *f, uint32_t input_id, uint32_t local_id, uint32_t global_id);
 /* Replaces a topic's route with `targets` (ownership passes to the forwarder). */
 int shmq_fwd_set_route(shmq_forwarder *f, uint32_t global_id, fwd_target *targets, uint32_t n);
