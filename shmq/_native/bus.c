@@ -1203,7 +1203,7 @@ int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, 
                             uint64_t *delivered, uint8_t *filter, uint32_t filter_len)
 {
     fwd_output *o = shmq_fwd_output(f, id);
-    if (!o || !f->log || o->cursor || o->spill_dir)
+    if (!o || !f->log || o->cursor)
         return SHMQ_BAD_ARGUMENT;
     shmq_log_cursor *c = calloc(1, sizeof *c);
     if (!c)
@@ -1308,7 +1308,7 @@ int shmq_fwd_set_output_spill(shmq_forwarder *f, uint32_t id, const char *dir, u
                               uint64_t segment_size)
 {
     fwd_output *o = shmq_fwd_output(f, id);
-    if (!o || o->policy != SHMQ_SPILL || o->cursor || o->spill_dir || segment_size < SHMQ_LOG_MIN_SEGMENT)
+    if (!o || o->policy != SHMQ_SPILL || o->spill_dir || segment_size < SHMQ_LOG_MIN_SEGMENT)
         return SHMQ_BAD_ARGUMENT;
     o->spill_dir = strdup(dir);
     if (!o->spill_dir)
