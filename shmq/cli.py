@@ -2,12 +2,14 @@
 
 Queues: ``shmq ls``, ``shmq rm``, ``shmq demo``. Pub/sub: ``shmq router`` (run a bus's router in
 the foreground), ``shmq pub`` (publish from the command line or stdin), ``shmq sub`` (print what
-arrives, as text or JSON lines).
+arrives, as text or JSON lines). Durable log: ``shmq log inspect`` (check a router's log, its
+segments and damage; exit 1 if damaged), ``shmq log dump`` (print its records).
 
 Exit codes: 0 success; 1 the operation failed (no router, a second router, a timeout, the router
-did not take every message); 2 bad input (click's usage errors, and a bad bus name, topic,
-pattern, ``--where`` filter or header); 130 ``shmq pub`` interrupted (what it published before is
-flushed first). Errors are one ``shmq <command>: ...`` message on stderr, never a traceback.
+did not take every message; ``shmq log inspect``: the log is damaged); 2 bad input (click's usage
+errors, and a bad bus name, topic, pattern, ``--where`` filter or header, a directory that holds
+no log); 130 ``shmq pub`` or ``shmq log dump`` interrupted (what pub published before is flushed
+first). Errors are one ``shmq <command>: ...`` message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any, NoReturn
 
 import click
@@ -33,13 +36,17 @@ from shmq import _bus
 from shmq._bus import BusStats, bus_stats
 from shmq._errors import (
     AlreadyExists,
+    ArgumentTypeError,
     Full,
+    InvalidArgument,
     InvalidFilter,
     InvalidTopic,
+    NotFound,
     RouterUnavailable,
     ShmqError,
 )
 from shmq._segment import SegmentInfo, read_info, segment_path
+from shmq.log import LogEntry, LogReport, LogSegment, inspect_log, read_log, wall_time
 from shmq.pubsub import Message, Publisher, Subscriber
 from shmq.queue import WAITS
 from shmq.testing import list_segments, remove_segment
@@ -277,6 +284,42 @@ def _log_to_stderr(logger: str) -> None:
     is_flag=True,
     help="Do not keep each topic's newest message (for subscribers that ask with --last-value).",
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Directory for the durable log, durable subscriptions and spill files.",
+)
+@click.option(
+    "--durable",
+    "durable",
+    multiple=True,
+    metavar="PATTERN",
+    help="Log every message on matching topics before routing it (repeatable; needs --data-dir).",
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["never", "interval", "always"]),
+    default="interval",
+    show_default=True,
+    help="When the log reaches the disk: the OS decides, every --fsync-interval-ms, or before "
+    "publish returns (group commit).",
+)
+@click.option("--fsync-interval-ms", type=click.IntRange(1, 3_600_000), default=100, show_default=True)
+@click.option("--segment-bytes", type=click.IntRange(4096, 1 << 40), default=64 << 20, show_default=True)
+@click.option(
+    "--retain-bytes", type=click.IntRange(min=1), help="Remove whole old segments beyond this size."
+)
+@click.option(
+    "--retain-seconds", type=click.FloatRange(min=0, min_open=True), help="Remove segments older than this."
+)
+@click.option(
+    "--spill-dir",
+    type=click.Path(file_okay=False),
+    help="Where on_full='spill' subscribers spill (default DATA_DIR/spill, else a temporary directory).",
+)
+@click.option(
+    "--max-spill-bytes", type=click.IntRange(min=1), help="Per subscriber (default: half the free space)."
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log clients arriving and leaving (to stderr).")
 def router_command(
     bus: str,
@@ -285,6 +328,15 @@ def router_command(
     max_subscribers: int,
     max_topics: int,
     no_last_value: bool,
+    data_dir: str | None,
+    durable: tuple[str, ...],
+    fsync: str,
+    fsync_interval_ms: int,
+    segment_bytes: int,
+    retain_bytes: int | None,
+    retain_seconds: float | None,
+    spill_dir: str | None,
+    max_spill_bytes: int | None,
     verbose: bool,
 ) -> None:
     """Run the router of BUS in the foreground until Ctrl-C or SIGTERM.
@@ -319,6 +371,15 @@ def router_command(
             max_subscribers=max_subscribers,
             max_topics=max_topics,
             last_value=not no_last_value,
+            data_dir=data_dir,
+            durable=durable,
+            fsync=fsync,
+            fsync_interval_ms=fsync_interval_ms,
+            segment_bytes=segment_bytes,
+            retain_bytes=retain_bytes,
+            retain_seconds=retain_seconds,
+            spill_dir=spill_dir,
+            max_spill_bytes=max_spill_bytes,
             ready=ready,
         )
     except AlreadyExists as exc:
@@ -542,22 +603,37 @@ def _text(data: bytes) -> str | None:
     return text
 
 
-def format_json(msg: Message, latency_ns: int) -> str:
-    """One JSON object: topic, seq, timestamp_ns, latency_ns, headers, data (and encoding: base64
-    when the payload is not UTF-8; last_value: true for a topic's newest message replayed)."""
-    data = msg.data
-    row: dict[str, object] = {
-        "topic": msg.topic,
-        "seq": msg.seq,
-        "timestamp_ns": msg.timestamp_ns,
-        "latency_ns": latency_ns,
-        "headers": {k: _json_value(v) for k, v in msg.headers.items()},
-    }
+def _payload_text(data: bytes) -> str:
+    """A payload on a text line: as text if it is printable UTF-8, else as a bytes literal."""
+    text = _text(data)
+    return repr(data) if text is None else text
+
+
+def _json_headers(headers: Mapping[str, object]) -> dict[str, object]:
+    return {k: _json_value(v) for k, v in headers.items()}
+
+
+def _json_data(row: dict[str, object], data: bytes) -> None:
+    """Put the payload in a JSON row: "data" as text if it is UTF-8, else base64 with
+    "encoding": "base64"."""
     try:
         row["data"] = data.decode("utf-8")
     except UnicodeDecodeError:
         row["data"] = base64.b64encode(data).decode("ascii")
         row["encoding"] = "base64"
+
+
+def format_json(msg: Message, latency_ns: int) -> str:
+    """One JSON object: topic, seq, timestamp_ns, latency_ns, headers, data (and encoding: base64
+    when the payload is not UTF-8; last_value: true for a topic's newest message replayed)."""
+    row: dict[str, object] = {
+        "topic": msg.topic,
+        "seq": msg.seq,
+        "timestamp_ns": msg.timestamp_ns,
+        "latency_ns": latency_ns,
+        "headers": _json_headers(msg.headers),
+    }
+    _json_data(row, msg.data)
     if msg.last_value:
         row["last_value"] = True
     return json.dumps(row, allow_nan=False)
@@ -569,12 +645,23 @@ def format_text(msg: Message, latency_ns: int) -> str:
     parts = [msg.topic, f"seq={msg.seq}", f"latency={latency_ns / 1000:.1f}µs"]
     if msg.last_value:
         parts.append("last-value")
-    headers = msg.headers
-    if headers:
-        parts.append(json.dumps({k: _json_value(v) for k, v in headers.items()}, allow_nan=False))
-    text = _text(msg.data)
-    parts.append(repr(msg.data) if text is None else text)
+    if msg.headers:
+        parts.append(json.dumps(_json_headers(msg.headers), allow_nan=False))
+    parts.append(_payload_text(msg.data))
     return " ".join(parts)
+
+
+def _tolerant_stdout() -> None:
+    """Text that stdout's encoding cannot carry (a topic in a latin-1 terminal) is escaped."""
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+
+
+def _discard_stdout() -> None:
+    """After a broken pipe: what is still buffered goes nowhere, so exiting does not fail again."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 @main.command("sub")
@@ -597,6 +684,17 @@ def format_text(msg: Message, latency_ns: int) -> str:
     help="What the router does when this subscriber is behind and its ring is full.",
 )
 @click.option("--last-value", is_flag=True, help="First receive the newest message of every matching topic.")
+@click.option(
+    "--start",
+    metavar="WHERE",
+    help="Replay durable topics from the log first: earliest, latest, a log seq, or an ISO time.",
+)
+@click.option(
+    "--durable",
+    metavar="NAME",
+    help="A durable subscription: resume after what an earlier `--durable NAME` acknowledged "
+    "(each message is acknowledged once printed).",
+)
 @click.option(
     "--capacity",
     type=int,
@@ -627,6 +725,8 @@ def sub_command(
     as_json: bool,
     on_full: str,
     last_value: bool,
+    start: str | None,
+    durable: str | None,
     capacity: int,
     connect_timeout: float,
     verbose: bool,
@@ -648,8 +748,7 @@ def sub_command(
     """
     if verbose:
         _log_to_stderr("shmq.pubsub")
-    with contextlib.suppress(AttributeError, ValueError):
-        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    _tolerant_stdout()
     received = 0
     with _sigterm_interrupts():
         try:
@@ -661,6 +760,8 @@ def sub_command(
                 on_full=on_full,
                 capacity=capacity,
                 last_value=last_value,
+                start=_start_option(start),
+                durable=durable,
                 connect_timeout=connect_timeout,
             )
         except KeyboardInterrupt:
@@ -692,12 +793,12 @@ def sub_command(
                     sys.stdout.write(formatter(msg, now - msg.timestamp_ns) + "\n")
                     sys.stdout.flush()
                     received += 1
+                    if durable is not None and msg.log_seq:
+                        msg.ack()  # printed: acknowledged
         except KeyboardInterrupt:
             pass
         except BrokenPipeError:  # the reader went away (| head): nothing more to say
-            with contextlib.suppress(OSError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
+            _discard_stdout()
         except ShmqError as exc:
             code = EXIT_FAILED
             click.echo(f"shmq sub: {exc}", err=True)
@@ -709,6 +810,214 @@ def sub_command(
             subscriber.close()
         if stats is not None:
             click.echo(f"shmq sub: received {received}, dropped {stats.drops} (router's count)", err=True)
+    raise SystemExit(code)
+
+
+def _start_option(start: str | None) -> Any:
+    """--start: earliest, latest, a log seq, or an ISO 8601 time."""
+    if start is None or start in ("earliest", "latest"):
+        return start
+    if start.isdigit():
+        return int(start)
+    try:
+        return datetime.fromisoformat(start)
+    except ValueError:
+        fail("sub", f"bad --start {start!r}: use earliest, latest, a log seq or an ISO time", EXIT_USAGE)
+
+
+# -- the durable log ---------------------------------------------------------------------------------
+
+
+@main.group("log")
+def log_group() -> None:
+    """Read a router's durable log: DIR is its data directory (--data-dir, data_dir=) or DIR/log.
+
+    Safe while the router runs: both commands only read, and see what was written when they get
+    there.
+    """
+
+
+def _iso(time_ns: int | None, timespec: str = "microseconds") -> str:
+    """A wall-clock time in nanoseconds as ISO 8601 in local time with its UTC offset ("-": none)."""
+    return "-" if time_ns is None else wall_time(time_ns).astimezone().isoformat(timespec=timespec)
+
+
+def _log_failure(command: str, exc: ShmqError | OSError) -> NoReturn:
+    """Exit for an error of shmq.log: 2 if DIR is no log or an option is bad, else 1."""
+    if isinstance(exc, InvalidTopic):
+        fail(command, f"bad --topic pattern: {exc}", EXIT_USAGE)
+    if isinstance(exc, NotFound | InvalidArgument | ArgumentTypeError):
+        fail(command, str(exc), EXIT_USAGE)
+    fail(command, str(exc), EXIT_FAILED)
+
+
+def _inspect_row(name: str, item: LogSegment | LogReport, damaged: int | str) -> str:
+    first = "-" if item.first_seq is None else item.first_seq
+    last = "-" if item.last_seq is None else item.last_seq
+    return (
+        f"{name:24} {item.size:>12} {item.records:>9} {first:>10} {last:>10} "
+        f"{_iso(item.first_time_ns, 'milliseconds'):29} {_iso(item.last_time_ns, 'milliseconds'):29} "
+        f"{damaged:>7}"
+    )
+
+
+@log_group.command("inspect")
+@click.argument("directory", metavar="DIR")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: segments, totals and damage.")
+def log_inspect_command(directory: str, as_json: bool) -> None:
+    """Check every record of the log in DIR (its CRC-32C) and show each segment file: size, records,
+    first and last seq and time, damaged ranges; then the totals, and where any damage is.
+
+    \b
+    Exit codes:
+      0  no damage found
+      1  damage found: a damaged record (bad checksum, torn write), a segment with a bad header,
+         or sequence numbers missing between the oldest segment and the last record
+         (segments removed by retention do not count); also when a segment cannot be read
+      2  DIR does not exist or holds no log
+    """
+    try:
+        report = inspect_log(directory)
+    except (ShmqError, OSError) as exc:
+        _log_failure("log inspect", exc)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        raise SystemExit(EXIT_FAILED if report.damaged else 0)
+    count = len(report.segments)
+    click.echo(f"log {report.path}: {count} segment{'' if count == 1 else 's'}")
+    header = (
+        f"{'SEGMENT':24} {'BYTES':>12} {'RECORDS':>9} {'FIRST SEQ':>10} {'LAST SEQ':>10} "
+        f"{'FIRST TIME':29} {'LAST TIME':29} {'DAMAGED':>7}"
+    )
+    click.echo(header)
+    for seg in report.segments:
+        click.echo(_inspect_row(seg.name, seg, "HEADER" if seg.bad_header else seg.damaged_records))
+    click.echo(_inspect_row("TOTAL", report, report.damaged_records + report.bad_segments))
+    if report.damage:
+        click.echo("damage (readers skip it):")
+        for damage in report.damage:
+            click.echo(f"  {damage.describe()}")
+    if report.missing_records:
+        click.echo(
+            f"missing: {report.missing_records} sequence number(s) between "
+            f"{report.segments[0].base_seq} and {report.last_seq} have no readable record"
+        )
+    if report.damaged:
+        problems = [f"{report.damaged_records} damaged range(s), {report.damaged_bytes} bytes"]
+        if report.bad_segments:
+            problems.append(f"{report.bad_segments} segment(s) with a bad header")
+        if report.missing_records:
+            problems.append(f"{report.missing_records} record(s) missing")
+        click.echo(f"DAMAGED: {'; '.join(problems)}")
+        raise SystemExit(EXIT_FAILED)
+    click.echo(f"ok: {report.records} records, no damage")
+
+
+def _log_entry_text(entry: LogEntry) -> str:
+    """``SEQ TIME TOPIC [{headers as JSON}] PAYLOAD``, the payload as `shmq sub` shows it."""
+    parts = [str(entry.seq), _iso(entry.time_ns), entry.topic]
+    if entry.headers:
+        parts.append(json.dumps(_json_headers(entry.headers), allow_nan=False))
+    parts.append(_payload_text(entry.data))
+    return " ".join(parts)
+
+
+def _log_entry_json(entry: LogEntry) -> str:
+    row: dict[str, object] = {
+        "seq": entry.seq,
+        "time_ns": entry.time_ns,
+        "time": _iso(entry.time_ns),
+        "topic": entry.topic,
+        "headers": _json_headers(entry.headers),
+    }
+    _json_data(row, entry.data)
+    row.update(
+        publisher_id=entry.publisher_id,
+        publisher_seq=entry.publisher_seq,
+        timestamp_ns=entry.timestamp_ns,
+        segment=entry.segment,
+        offset=entry.offset,
+    )
+    return json.dumps(row, allow_nan=False)
+
+
+def _iso_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time (2026-11-21T08:57:34)") from None
+
+
+@log_group.command("dump")
+@click.argument("directory", metavar="DIR")
+@click.option(
+    "--topic", "pattern", metavar="PATTERN", help="Only records whose topic matches (md.*.AAPL, md.>)."
+)
+@click.option(
+    "--from",
+    "start",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="SEQ",
+    help="Start at this log sequence number.",
+)
+@click.option(
+    "--since",
+    callback=_iso_option,
+    metavar="TIME",
+    help="Only records appended at or after TIME: ISO 8601 as dump prints it, local time unless it "
+    "has an offset (2026-11-21T08:57:34, 2026-11-21T08:57:34.5+01:00).",
+)
+@click.option("-n", "--limit", type=click.IntRange(min=1), metavar="N", help="Stop after N records.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
+def log_dump_command(
+    directory: str,
+    pattern: str | None,
+    start: int,
+    since: datetime | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Print the records of the log in DIR, oldest first, one line each.
+
+    \b
+    Text:  SEQ TIME TOPIC [{headers as JSON}] PAYLOAD
+           (TIME in ISO 8601, local; PAYLOAD as text if it is printable UTF-8, else as a bytes
+           literal b'...', as `shmq sub` shows it)
+    JSON:  {"seq", "time_ns", "time", "topic", "headers", "data", "publisher_id", "publisher_seq",
+           "timestamp_ns", "segment", "offset"}, with "encoding": "base64" when the payload is
+           not UTF-8 (data is then base64).
+
+    Damaged records are skipped, and said so on stderr (`shmq log inspect DIR` shows them all).
+    Exit codes: 0 done; 1 the log could not be read; 2 DIR does not exist or holds no log, or a
+    bad --topic pattern; 130 Ctrl-C.
+    """
+    try:
+        records = read_log(directory, start=start, topic=pattern, since=since)
+    except (ShmqError, OSError) as exc:
+        _log_failure("log dump", exc)
+    _tolerant_stdout()
+    formatter = _log_entry_json if as_json else _log_entry_text
+    code = 0
+    with records:
+        try:
+            for printed, entry in enumerate(records, 1):
+                sys.stdout.write(formatter(entry) + "\n")
+                if printed == limit:
+                    break
+            sys.stdout.flush()
+        except KeyboardInterrupt:
+            code = EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader went away (| head): nothing more to say
+            _discard_stdout()
+        except (ShmqError, OSError) as exc:
+            code = EXIT_FAILED
+            click.echo(f"shmq log dump: {exc}", err=True)
+    for damage in records.damage:
+        click.echo(f"shmq log dump: skipped {damage.describe()}", err=True)
     raise SystemExit(code)
 
 

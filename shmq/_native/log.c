@@ -720,6 +720,7 @@ int shmq_log_remove_before(shmq_log *log, uint64_t seq)
 
 static void cursor_unmap(shmq_log_cursor *c)
 {
+    c->walked_seq = 0;
     if (c->map)
         munmap(c->map, c->map_size);
     if (c->fd >= 0)
@@ -827,9 +828,12 @@ int shmq_log_cursor_next(shmq_log_cursor *c, uint64_t limit, shmq_log_record *r)
             continue;
         }
         if (!record_ok(c->map, c->map_size, at, c->checksums, 0)) {
-            uint64_t next = resync(c->map, c->map_size, at, c->checksums, c->next_seq ? c->next_seq - 1 : 0);
+            /* (after the last record walked past, not where reading starts: records between
+             * them are good ones this cursor skips, not damage) */
+            uint64_t after = c->walked_seq ? c->walked_seq : c->base_seq - 1;
+            uint64_t next = resync(c->map, c->map_size, at, c->checksums, after);
             uint64_t end = next ? next : c->map_size;
-            note_damage(c->damage, &c->ndamage, c->base_seq, at, end - at, 0);
+            note_damage(c->damage, &c->ndamage, c->base_seq, at, end - at, !next);
             c->damaged_bytes += end - at;
             if (!next) {
                 /* Nothing good in the rest of this segment: go on from the next one. */
@@ -842,14 +846,17 @@ int shmq_log_cursor_next(shmq_log_cursor *c, uint64_t limit, shmq_log_record *r)
                 continue;
             }
             uint64_t seq = rd64(c->map + next + 8);
-            c->skipped += seq > c->next_seq ? seq - c->next_seq : 0;
-            c->next_seq = seq;
+            if (seq > c->next_seq) { /* (walking to a later start, the records are not ours anyway) */
+                c->skipped += seq - c->next_seq;
+                c->next_seq = seq;
+            }
             c->pos = next;
             continue;
         }
         uint64_t seq = rd64(c->map + at + 8);
         if (seq < c->next_seq) {
             /* Before where we start (the first record wanted is further on). */
+            c->walked_seq = seq;
             c->pos = at + align8(len);
             continue;
         }
@@ -868,6 +875,7 @@ int shmq_log_cursor_next(shmq_log_cursor *c, uint64_t limit, shmq_log_record *r)
 void shmq_log_cursor_advance(shmq_log_cursor *c, const shmq_log_record *r)
 {
     c->pos = r->offset + align8(SHMQ_REC_HEADER + (uint64_t)r->len);
+    c->walked_seq = r->seq;
     if (r->seq > c->next_seq)
         c->skipped += r->seq - c->next_seq;
     c->next_seq = r->seq + 1;
@@ -896,6 +904,13 @@ int shmq_log_cursor_open(shmq_log_cursor *c, const char *dir, int checksums, int
     c->dir = strdup(dir);
     if (!c->dir)
         return SHMQ_LOG_ERR;
+    struct stat st;
+    int bad = stat(dir, &st) < 0 ? errno : !S_ISDIR(st.st_mode) ? ENOTDIR : 0;
+    if (bad) {
+        c->error = bad;
+        c->error_what = "open the log directory";
+        return SHMQ_LOG_ERR;
+    }
     if (kind == SHMQ_START_SEQ) {
         c->next_seq = at ? at : 1;
         return SHMQ_LOG_OK;
