@@ -78,6 +78,7 @@ SS_SPILLED, SS_SPILL_BYTES, SS_SPILL_FULL, SS_REPLAYED, SS_LOG_SEQ, SS_SKIPPED, 
     152,
     160,
 )
+SS_SPILL_MSGS = 168
 SUBSCRIBER_DESCRIPTION = 256  # offset of the JSON description in a subscriber slot
 SUBSCRIBER_DESCRIPTION_MAX = SUBSCRIBER_SLOT - SUBSCRIBER_DESCRIPTION
 
@@ -213,7 +214,7 @@ class SubscriberStats:
     drops: int  #: messages dropped for it: by its on_full policy, or too large for its ring
     too_large: int  #: of the drops: messages larger than its ring's max_message (any policy)
     filtered: int  #: messages on matching topics that its where= filter rejected
-    pending: int  #: messages the router holds for it (conflation, last values not yet written)
+    pending: int  #: messages the router holds for it (conflation, last values, spill files)
     lag: int  #: depth_messages + pending (+ spilled messages not yet back): how far behind it is
     spilled: int = 0  #: on_full="spill": messages written to its spill file
     spill_bytes: int = 0  #: bytes in its spill file now
@@ -300,7 +301,7 @@ def read_subscriber(bus: str, buf: Any, off: int, live_ring: Any = None) -> Subs
         )
     # drop_oldest: the router takes messages out of the ring too; those were not received.
     received = max(received - u64(buf, off + 96), 0)
-    pending = u64(buf, off + 48)
+    pending = u64(buf, off + 48) + u64(buf, off + SS_SPILL_MSGS)  # (spilled: held by the router too)
     return SubscriberStats(
         bus=bus,
         subscriber_id=u32(buf, off + 12),

@@ -779,7 +779,7 @@ class _RouterCore:
         if start is None or start == "latest":
             return 0
         if start == "earliest":
-            return 1
+            return max(int(info["first_seq"]), 1)
         if isinstance(start, dict) and "time_ns" in start:
             reader = _ring.LogReader(str(self.persistence.log_dir), time_ns=int(start["time_ns"]))
             try:

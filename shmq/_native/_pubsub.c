@@ -465,7 +465,16 @@ static PyObject *PublisherCore_wait_durable(PublisherCoreObject *self, PyObject 
         return NULL;
     if (!self->have_bus || off < 0 || off + SHMQ_PUBLISHER_SLOT > self->bus.len)
         Py_RETURN_FALSE;
-    uint8_t *slot = (uint8_t *)self->bus.buf + off;
+    /* Our own export of the mapping for the wait: the link thread may drop the bus (router gone)
+     * meanwhile, and its unmap must wait until we are done reading it. */
+    Py_buffer pin;
+    if (PyObject_GetBuffer(self->bus.obj, &pin, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (pin.len < off + SHMQ_PUBLISHER_SLOT) {
+        PyBuffer_Release(&pin);
+        Py_RETURN_FALSE;
+    }
+    uint8_t *slot = (uint8_t *)pin.buf + off;
     _Atomic uint32_t *word = (_Atomic uint32_t *)(slot + SHMQ_PS_SYNC_FUTEX);
     _Atomic uint64_t *durable = (_Atomic uint64_t *)(slot + SHMQ_PS_DURABLE_POS);
     int64_t deadline = shmq_now_ns() + (int64_t)(timeout * 1e9);
@@ -488,6 +497,7 @@ static PyObject *PublisherCore_wait_durable(PublisherCoreObject *self, PyObject 
         syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
     }
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&pin);
     return PyBool_FromLong(ok);
 }
 

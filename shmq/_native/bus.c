@@ -419,7 +419,7 @@ struct fwd_output {
     uint64_t written_seq;     /* last seq written, committed with the span */
     /* Spill: a private log of what did not fit, drained in order as room frees up. */
     char *spill_dir;
-    uint64_t spill_max, spill_segment, spill_bytes, spill_reading;
+    uint64_t spill_max, spill_segment, spill_bytes, spill_msgs, spill_reading;
     int spill_blocked;
     shmq_log *spill;
     shmq_log_cursor *spill_cursor;
@@ -639,6 +639,7 @@ static void output_close_log(fwd_output *o)
         free(o->spill);
         o->spill = NULL;
         o->spill_bytes = 0;
+        o->spill_msgs = 0;
     }
 }
 
@@ -1208,8 +1209,8 @@ int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, 
     shmq_log_cursor *c = calloc(1, sizeof *c);
     if (!c)
         return -1;
-    /* 0: from the next record on ("latest"); 1: from the oldest one kept ("earliest"). */
-    uint64_t at = start_seq == 0 ? f->log->next_seq : start_seq == 1 ? f->log->first_seq : start_seq;
+    /* 0: from the next record on ("latest") */
+    uint64_t at = start_seq == 0 ? f->log->next_seq : start_seq;
     if (shmq_log_cursor_open(c, f->log->dir, f->log->checksums, SHMQ_START_SEQ, at ? at : 1) != SHMQ_LOG_OK) {
         shmq_log_cursor_close(c);
         free(c);
@@ -1326,6 +1327,7 @@ static int spill_backlog(const fwd_output *o)
 static void spill_stats(fwd_output *o)
 {
     stat_set(o->stats, SHMQ_SS_SPILL_BYTES, o->spill_bytes);
+    stat_set(o->stats, SHMQ_SS_SPILL_MSGS, o->spill_msgs);
     if (o->stats && o->spill_bytes > atomic_load_explicit(U64_AT(o->stats, SHMQ_SS_SPILL_MAX), RELAXED))
         stat_set(o->stats, SHMQ_SS_SPILL_MAX, o->spill_bytes);
 }
@@ -1369,6 +1371,7 @@ static int spill_put(shmq_forwarder *f, fwd_output *o, const uint8_t *frame, uin
     if (f->cur_log_seq)
         wr64(body + SHMQ_MSG_OFF_LOG_SEQ, f->cur_log_seq);
     o->spill_bytes += len;
+    o->spill_msgs++;
     o->spill_blocked = 0;
     stat_add(o->stats, SHMQ_SS_SPILLED, 1);
     count(f, SHMQ_C_SPILLED, 1);
@@ -1395,6 +1398,7 @@ static void drain_spill(shmq_forwarder *f, fwd_output *o)
             break;
         shmq_log_cursor_advance(o->spill_cursor, &r);
         o->spill_bytes -= r.len;
+        o->spill_msgs--;
     }
     f->cur_log_seq = keep;
     if (!spill_backlog(o)) {
@@ -1406,6 +1410,7 @@ static void drain_spill(shmq_forwarder *f, fwd_output *o)
         free(o->spill);
         o->spill = NULL;
         o->spill_bytes = 0;
+        o->spill_msgs = 0;
     } else if (o->spill_cursor->base_seq != o->spill_reading) {
         /* The reader moved to a newer segment: the older ones are done with. */
         o->spill_reading = o->spill_cursor->base_seq;

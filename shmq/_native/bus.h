@@ -155,7 +155,8 @@ enum {
     SHMQ_SS_REPLAYED = 136,  /* messages delivered from the durable log */
     SHMQ_SS_LOG_SEQ = 144,   /* the log sequence of the last of them */
     SHMQ_SS_SKIPPED = 152,   /* log records it never got: removed by retention, or damaged */
-    SHMQ_SS_SPILL_MAX = 160  /* spill: the most bytes its spill file held */
+    SHMQ_SS_SPILL_MAX = 160, /* spill: the most bytes its spill file held */
+    SHMQ_SS_SPILL_MSGS = 168 /* spill: messages in its spill file now */
 };
 #define SHMQ_SUBSCRIBER_SLOT 768
 /* Per-topic statistics slot. */

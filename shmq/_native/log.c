@@ -461,6 +461,21 @@ static uint64_t scan(shmq_log *log, uint8_t *map, uint64_t size, uint64_t base, 
     return at;
 }
 
+/* Segments a writer died creating (still under their temporary name) hold nothing. */
+static void remove_unfinished(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        if (n > 8 && strcmp(e->d_name + n - 8, ".seg.new") == 0)
+            unlinkat(dirfd(d), e->d_name, 0);
+    }
+    closedir(d);
+}
+
 int shmq_log_open(shmq_log *log, const char *dir, uint64_t segment_size, int flags)
 {
     int checksums = (flags & SHMQ_LOG_CHECKSUMS) != 0, remember_seen = (flags & SHMQ_LOG_REMEMBER) != 0;
@@ -479,6 +494,7 @@ int shmq_log_open(shmq_log *log, const char *dir, uint64_t segment_size, int fla
         log->error_what = "create the log directory";
         return SHMQ_LOG_ERR;
     }
+    remove_unfinished(dir);
     uint64_t *bases;
     int64_t n = shmq_log_segments(dir, &bases);
     if (n < 0) {
@@ -721,6 +737,7 @@ int shmq_log_remove_before(shmq_log *log, uint64_t seq)
 static void cursor_unmap(shmq_log_cursor *c)
 {
     c->walked_seq = 0;
+    c->end_checked = 0;
     if (c->map)
         munmap(c->map, c->map_size);
     if (c->fd >= 0)
@@ -811,8 +828,23 @@ int shmq_log_cursor_next(shmq_log_cursor *c, uint64_t limit, shmq_log_record *r)
         if (len == 0) {
             /* The end of this segment's records: go on to the next segment once it exists. */
             uint64_t next = next_segment(c);
-            if (!next)
+            /* A zeroed length word must not hide good records after it (the writer only ever
+             * writes at the end, so a good record beyond a zero length is a hole). Searched once
+             * per position: a reader tailing the active segment does not rescan its free space. */
+            uint64_t good = 0;
+            if (c->end_checked != at) {
+                good = resync(c->map, c->map_size, at, c->checksums,
+                              c->walked_seq ? c->walked_seq : c->base_seq - 1);
+                c->end_checked = good ? 0 : at;
+            }
+            if (!next && !good)
                 return SHMQ_LOG_END;
+            if (good) {
+                note_damage(c->damage, &c->ndamage, c->base_seq, at, good - at, 0);
+                c->damaged_bytes += good - at;
+                c->pos = good;
+                continue;
+            }
             if (limit && next > limit)
                 return SHMQ_LOG_END;
             uint64_t keep = c->next_seq;
@@ -833,8 +865,12 @@ int shmq_log_cursor_next(shmq_log_cursor *c, uint64_t limit, shmq_log_record *r)
             uint64_t after = c->walked_seq ? c->walked_seq : c->base_seq - 1;
             uint64_t next = resync(c->map, c->map_size, at, c->checksums, after);
             uint64_t end = next ? next : c->map_size;
-            note_damage(c->damage, &c->ndamage, c->base_seq, at, end - at, !next);
-            c->damaged_bytes += end - at;
+            /* A tailing reader meets a damaged last record on every call: note it once. */
+            shmq_log_damage *last = c->ndamage ? &c->damage[c->ndamage - 1] : NULL;
+            if (!last || last->segment != c->base_seq || last->offset != at) {
+                note_damage(c->damage, &c->ndamage, c->base_seq, at, end - at, !next);
+                c->damaged_bytes += end - at;
+            }
             if (!next) {
                 /* Nothing good in the rest of this segment: go on from the next one. */
                 uint64_t following = next_segment(c);

@@ -147,6 +147,7 @@ typedef struct shmq_log_cursor {
     uint64_t pos;
     uint64_t next_seq;       /* the seq the next record should have */
     uint64_t walked_seq;     /* the last intact record's seq seen in this segment (resync starts after it) */
+    uint64_t end_checked;    /* offset in the mapped segment already searched for records after a zero length */
     uint64_t skipped;        /* records lost to damage or removed by retention */
     uint64_t damaged_bytes;
     int checksums;
