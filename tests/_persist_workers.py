@@ -76,30 +76,16 @@ def stream_counters(bus: str, topic: str, backlog: int, min_live: int, control: 
     dump(str(ctl / "result"), counter)
 
 
-def fault_publisher(bus: str, topic: str, timeout: float, pin: bool, control: str) -> None:
+def fault_publisher(bus: str, topic: str, timeout: float, control: str) -> None:
     """The fault-injection publisher: publishes counter 0, 1, 2, ... (payload = counter) to a
     durable topic of a router with fsync="always", each once, and logs each counter's outcome to
     ``outcomes`` with one O_APPEND write *after* publish returned or raised (CONFIRMED only when
     publish returned: the router said it was on disk). A failed publish is not retried: the next
-    counter goes out. Stops when ``stop`` exists and writes ``result`` (counters tried).
-
-    `pin`: keep every bus segment this publisher maps mapped (an exported memoryview makes the
-    unmap in Publisher._disconnected fail softly), which works around the SIGSEGV of
-    test_persistence.PUBLISHER_SEGV so that the publisher's side of a restart can be tested."""
+    counter goes out. Stops when ``stop`` exists and writes ``result`` (counters tried)."""
     ctl = Path(control)
     fd = os.open(ctl / "outcomes", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     counter = 0
     with shmq.Publisher(bus, capacity=1 << 16, connect_timeout=OP_TIMEOUT) as pub:
-        if pin:
-            pinned = [memoryview(pub._bus_segment.mapping)]  # type: ignore[union-attr]
-            map_bus = pub._map_bus
-
-            def map_and_pin(reply: dict[str, Any]) -> Any:
-                segment = map_bus(reply)
-                pinned.append(memoryview(segment.mapping))
-                return segment
-
-            pub._map_bus = map_and_pin  # type: ignore[method-assign]
         dump(str(ctl / "ready"), pub.publisher_id)
         deadline = time.monotonic() + 4 * OP_TIMEOUT
         while not (ctl / "stop").exists():
