@@ -169,56 +169,15 @@ def data_root(requested: str | None) -> str:
 # ---------------------------------------------------------------------------
 
 
-class Pool:
+class Pool(bench_pubsub.Pool):
     """Long-lived spawned workers (persist_peers.worker) that every cell reuses."""
 
     def __init__(self, size: int) -> None:
-        self.procs: list[Any] = []
-        self.conns: list[Any] = []
-        self.pids: list[int] = []
-        try:
-            for i in range(size):
-                parent_end, child_end = CTX.Pipe()
-                proc = CTX.Process(
-                    target=persist_peers.worker, args=(child_end,), name=f"persist-{i}", daemon=True
-                )
-                # The child inherits the blocked SIGINT and ignores it before unblocking it.
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                try:
-                    proc.start()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-                child_end.close()
-                self.procs.append(proc)
-                self.conns.append(parent_end)
-            for i in range(size):
-                self.pids.append(int(self.recv(i, 60.0)))
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(size, persist_peers.worker, "persist")
 
-    def send(self, i: int, cmd: str, arg: Any = None) -> None:
-        try:
-            self.conns[i].send((cmd, arg))
-        except OSError as exc:
-            raise BenchError(f"worker {i} cannot be reached: {exc}") from None
-
-    def recv(self, i: int, timeout: float) -> Any:
-        conn = self.conns[i]
-        deadline = time.monotonic() + timeout
-        while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                raise BenchError(f"worker {i} gave no answer within {timeout:.0f} s")
-            if not self.procs[i].is_alive():
-                raise BenchError(f"worker {i} died (exit code {self.procs[i].exitcode})")
-        try:
-            status, value = conn.recv()
-        except EOFError:
-            self.procs[i].join(1)
-            raise BenchError(f"worker {i} died (exit code {self.procs[i].exitcode})") from None
-        if status == "error":
-            raise BenchError(value.strip().splitlines()[-1], value)
-        return value
+    def _dead(self, i: int) -> int | None:
+        # Cells here use workers independently: only the one asked must be alive.
+        return None if self.procs[i].is_alive() else i
 
     def call(self, i: int, cmd: str, arg: Any = None, timeout: float = 60.0) -> Any:
         self.send(i, cmd, arg)
@@ -230,28 +189,6 @@ class Pool:
             self.send(w, cmd, arg(w) if callable(arg) else arg)
         deadline = time.monotonic() + timeout
         return [self.recv(w, max(1.0, deadline - time.monotonic())) for w in workers]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGCONT)
-        for conn in self.conns:
-            with contextlib.suppress(Exception):
-                conn.send(("quit", None))
-        deadline = time.monotonic() + 5
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
-        for conn in self.conns:
-            conn.close()
-        self.procs.clear()
-        self.conns.clear()
 
 
 # ---------------------------------------------------------------------------

@@ -135,16 +135,17 @@ QUICK = Config(
 
 class Pool:
     """Long-lived spawned workers (pubsub_peers.worker), reused by every cell: worker 0 publishes,
-    workers 1..8 subscribe."""
+    workers 1..8 subscribe. bench_persist.py reuses it with its own worker function."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, target: Any = None, name: str = "pbench") -> None:
+        target = pp.worker if target is None else target
         self.procs: list[Any] = []
         self.conns: list[Any] = []
         self.pids: list[int] = []
         try:
             for i in range(size):
                 parent_end, child_end = CTX.Pipe()
-                proc = CTX.Process(target=pp.worker, args=(child_end,), name=f"pbench-{i}", daemon=True)
+                proc = CTX.Process(target=target, args=(child_end,), name=f"{name}-{i}", daemon=True)
                 # The child inherits the blocked SIGINT and ignores it before unblocking it.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
                 try:
@@ -172,9 +173,9 @@ class Pool:
         while not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 raise BenchError(f"worker {i} gave no answer within {timeout:.0f} s")
-            dead = [k for k, proc in enumerate(self.procs) if k != i and not proc.is_alive()]
-            if dead:  # a cell cannot finish without every one of its workers
-                raise BenchError(f"worker {dead[0]} died (exit code {self.procs[dead[0]].exitcode})")
+            dead = self._dead(i)
+            if dead is not None:
+                raise BenchError(f"worker {dead} died (exit code {self.procs[dead].exitcode})")
         try:
             status, value = conn.recv()
         except EOFError:
@@ -183,6 +184,10 @@ class Pool:
         if status == "error":
             raise BenchError(value.strip().splitlines()[-1], value)
         return value
+
+    def _dead(self, i: int) -> int | None:
+        """A worker whose death means worker i will never answer: a cell needs all of them."""
+        return next((k for k, proc in enumerate(self.procs) if k != i and not proc.is_alive()), None)
 
     def call(self, i: int, cmd: str, arg: Any = None, timeout: float = 30.0) -> Any:
         self.send(i, cmd, arg)
