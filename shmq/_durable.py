@@ -18,6 +18,8 @@ A durable subscription's state file (little-endian)::
     24  u64 delivered   written by the router: the last record committed to its ring
     32  u64 start_seq   where the subscription started
     40  u64 created_ns  time.time_ns()
+    48  u64 intent_end  written by the router before each commit: the ring position it reaches
+    56  u64 intent_seq  ... and the last record it carries (after intent_end; see delivered_to)
     64  ring name of the subscriber using it (128 bytes, NUL padded)
 """
 
@@ -52,7 +54,7 @@ SPILL_SEGMENT_BYTES = 64 << 20
 STATE_MAGIC = int.from_bytes(b"SHMQSUB1", "little")
 STATE_SIZE = 4096
 STATE_OFF_PID, STATE_OFF_ACKED, STATE_OFF_DELIVERED, STATE_OFF_START = 12, 16, 24, 32
-STATE_OFF_CREATED, STATE_OFF_RING = 40, 64
+STATE_OFF_CREATED, STATE_OFF_INTENT_END, STATE_OFF_INTENT_SEQ, STATE_OFF_RING = 40, 48, 56, 64
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -222,6 +224,16 @@ class DurableState:
     @property
     def delivered(self) -> int:
         return self.get(STATE_OFF_DELIVERED)
+
+    def delivered_to(self, ring_tail_commit: int | None) -> int:
+        """The last seq the subscription's ring got, given the ring's tail_commit (None: the ring
+        is gone, so count what may have reached it). A router that died between a commit and its
+        store of `delivered` left the intent behind: the ring reaching its position says the
+        commit happened."""
+        delivered, seq, end = self.delivered, self.get(STATE_OFF_INTENT_SEQ), self.get(STATE_OFF_INTENT_END)
+        if seq > delivered and (ring_tail_commit is None or ring_tail_commit >= end):
+            return seq
+        return delivered
 
     @property
     def start_seq(self) -> int:

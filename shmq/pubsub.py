@@ -82,6 +82,8 @@ class _Link:
             try:
                 self._handshake(timeout=5.0)
                 break
+            except ShmqError:
+                raise  # the router answered and refused: retrying would get the same answer
             except (OSError, ConnectionError):
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise RouterUnavailable(
@@ -634,6 +636,12 @@ class Subscriber(_ring.SubscriberCore, _Client):
         if segment is not None and self._slot >= 0 and self._link.hello.get("start") is not None:
             off = _bus.u64(segment.mapping, _bus.OFF_SUBSCRIBERS) + self._slot * _bus.SUBSCRIBER_SLOT
             last = _bus.u64(segment.mapping, off + _bus.SS_LOG_SEQ)
+            # A router that died between a commit and its store of LOG_SEQ left the intent: our
+            # ring reaching its position says those records are in it.
+            intent_seq = _bus.u64(segment.mapping, off + _bus.SS_INTENT_SEQ)
+            tail_commit = _bus.u64(self._ring._segment.mapping, _ring.OFF_TAIL_COMMIT)
+            if intent_seq > last and tail_commit >= _bus.u64(segment.mapping, off + _bus.SS_INTENT_END):
+                last = intent_seq
             if last:
                 self._link.hello["start"] = last + 1
         self._unmap_bus()

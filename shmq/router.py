@@ -669,25 +669,28 @@ class _RouterCore:
         if durable_name is not None:
             assert self.data_dir is not None
             state = DurableState(self.data_dir.state_path(durable_name), create_start=first_seq or 1)
-            if not state.fresh:
-                if state.ring == ring_name:
-                    # The same subscriber, back after a router restart: its ring holds what was
-                    # delivered; go on after that.
-                    first_seq = state.delivered + 1 if state.delivered else state.start_seq
-                else:
-                    # A new subscriber process: resume after the last acknowledged record; what
-                    # was delivered and not acknowledged comes again, flagged redelivered.
-                    first_seq = max(state.acked + 1, state.start_seq)
-                    redelivered_upto = state.delivered
-            elif first_seq == 0:
-                first_seq = int(self.forwarder.log_info()["next_seq"])
-                state.put(_durable.STATE_OFF_START, first_seq)
         try:
             segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
         except BaseException:
             if state is not None:
                 state.close()
             raise
+        if state is not None:
+            if not state.fresh:
+                if state.ring == ring_name:
+                    # The same subscriber, back after a router restart: its ring holds what was
+                    # delivered; go on after that.
+                    delivered = state.delivered_to(_bus.u64(segment.mapping, _ring.OFF_TAIL_COMMIT))
+                    first_seq = delivered + 1 if delivered else state.start_seq
+                else:
+                    # A new subscriber process: resume after the last acknowledged record; what
+                    # was (or may have been) delivered and not acknowledged comes again, flagged
+                    # redelivered.
+                    first_seq = max(state.acked + 1, state.start_seq)
+                    redelivered_upto = state.delivered_to(None)
+            elif first_seq == 0:
+                first_seq = int(self.forwarder.log_info()["next_seq"])
+                state.put(_durable.STATE_OFF_START, first_seq)
         slot = self.free_sub_slots.pop()
         capacity = len(segment.mapping) - _ring.HEADER_SIZE
         sub = _Subscriber(
@@ -727,6 +730,7 @@ class _RouterCore:
                     redelivered_upto,
                     None if state is None else state.mapping,
                     _durable.STATE_OFF_DELIVERED,
+                    _durable.STATE_OFF_INTENT_END,
                     program,
                 )
                 self.forwarder.set_output_match(

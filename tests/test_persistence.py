@@ -17,6 +17,7 @@ import errno
 import os
 import random
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -30,6 +31,7 @@ import psutil
 import pytest
 
 import shmq
+from shmq import _bus
 from shmq._native import _ring
 from shmq.testing import unique_name
 from tests import _persist_workers as pp
@@ -462,11 +464,10 @@ def test_durable_subscription_survives_router_crashes(bus: str, routers: Routers
             lambda: read_state(state).delivered == (got[-1].log_seq or 0) + sub.stats().depth_messages, WAIT_S
         ), (read_state(state), got[-1].log_seq, sub.stats())
 
-    # Note (an open bug): the router stores `delivered` in the state file just after it commits a
-    # span to the ring, and the commit's futex wake lets the subscriber run (and read) first; on a
-    # busy machine the forwarder thread can stay preempted in between for milliseconds, and a crash
-    # then makes the next router write the span to the same ring again (duplicates, not flagged
-    # redelivered). The kills below wait until the state caught up: the case this test is about.
+    # Note: the router stores `delivered` just after it commits a span to the ring, and the
+    # commit's futex wake may let the subscriber read first, so the state can trail for a moment;
+    # `recorded` waits for it, to check that it is right. A kill inside that moment is the case
+    # of test_a_crash_between_a_commit_and_its_delivered_store_does_not_deliver_twice.
     with (
         shmq.Subscriber(bus, "rs.>", durable="y", capacity=4096) as sub,
         shmq.Publisher(bus) as pub,
@@ -952,14 +953,9 @@ def test_confirmed_messages_survive_routers_killed_at_random_moments(
 # -- bugs these tests found (regression tests; the xfail one is still open) ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=shmq.RouterUnavailable,
-    reason="BUG: the router refuses a second subscriber under a durable name in use with AlreadyExists, "
-    "but AlreadyExists is an OSError, which _Link.open() takes for 'no router yet': it retries until "
-    "connect_timeout and raises RouterUnavailable ('no router is serving bus ...')",
-)
 def test_a_durable_name_in_use_is_refused_at_once(bus: str, routers: Routers, data_dir: Path) -> None:
+    """The router refuses with AlreadyExists, an OSError, which _Link.open() used to take for "no
+    router yet": it retried until connect_timeout and raised RouterUnavailable."""
     routers.start(data_dir=data_dir, durable="dn.>")
     with (
         shmq.Subscriber(bus, "dn.>", durable="x"),
@@ -1038,17 +1034,13 @@ def test_damage_at_the_end_is_reported_once(bus: str, routers: Routers, data_dir
     assert len(reader.damage()) == 1, reader.damage()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: recovery's memory of what the log already holds (shmq_log_seen, filled by "
-    "shmq_log_open with SHMQ_LOG_REMEMBER) covers the last two segments only; a durable message "
-    "appended and then stalled behind a full block subscriber stays in its publisher's ring, and "
-    "once other traffic has rolled the log on, the next router after a crash appends it again",
-)
 def test_a_stalled_durable_message_is_not_logged_twice_after_a_crash(
     bus: str, routers: Routers, data_dir: Path
 ) -> None:
+    """Recovery's memory of what the log holds (shmq_log_seen) covers the last two segments
+    only: a durable message appended and then stalled behind a full block subscriber stays in
+    its publisher's ring, and once other traffic had rolled the log on, the next router after
+    a crash appended it again. Appending now marks the frame in the ring."""
     options: dict[str, Any] = {"data_dir": data_dir, "durable": "dup.>", "segment_bytes": 4096}
     first = routers.start(**options)
     with (
@@ -1068,6 +1060,111 @@ def test_a_stalled_durable_message_is_not_logged_twice_after_a_crash(
     records, _ = read_log(data_dir / "log")
     keys = [(r.publisher_id, r.topic, r.msg_seq) for r in records]
     assert len(set(keys)) == len(keys) == 260, sorted(k for k in set(keys) if keys.count(k) > 1)
+
+
+def test_a_marked_frame_is_appended_again_when_the_log_was_replaced(
+    bus: str, routers: Routers, tmp_path: Path
+) -> None:
+    """The mark an append leaves in the publisher's ring is only a claim: after a crash, a log
+    directory swapped for another one (whose record at that seq is someone else's message)
+    must not make the router skip the append."""
+    other_dir, data_dir = tmp_path / "other", tmp_path / "data"
+    options: dict[str, Any] = {"durable": "mk.>", "segment_bytes": 4096}
+    routers.start(data_dir=other_dir, **options)
+    with shmq.Publisher(bus) as pub:
+        publish_counters(pub, "mk.b", range(300), pad=60)
+        wait_logged(bus, 300)
+    routers.stop_last()
+    first = routers.start(data_dir=data_dir, **options)
+    with shmq.Subscriber(bus, "mk.a", capacity=4096) as slow, shmq.Publisher(bus) as stalled:
+        publish_counters(stalled, "mk.a", range(60), pad=60)
+        assert wait_until(lambda: stalled.stats().stalls > 0, WAIT_S)
+        last = read_log(data_dir / "log")[0][-1]  # the stalled message, marked in its ring
+        assert last.topic == "mk.a" and last.seq < 300, "the other log must hold a record at that seq"
+        first.kill()
+        shutil.rmtree(data_dir / "log")
+        (other_dir / "log").rename(data_dir / "log")
+        routers.start(data_dir=data_dir, **options)
+        got = receive_until(slow, lambda g: len(g) >= 60)
+        assert [counter(m) for m in got] == list(range(60))
+    records, _ = read_log(data_dir / "log")
+    mine = [r.msg_seq for r in records if r.topic == "mk.a"]
+    assert sorted(mine) == sorted(set(mine)), "logged twice"
+    # The first router logged (and delivered) the messages before the stalled one into the log
+    # that was thrown away; the stalled one and those after it must be in the new log.
+    assert mine == list(range(last.msg_seq, max(m.seq for m in got) + 1)), (last.msg_seq, mine)
+
+
+STATE_DELIVERED, STATE_INTENT_END, STATE_INTENT_SEQ = 24, 48, 56  # (shmq/_durable.py)
+
+
+def test_a_crash_between_a_commit_and_its_delivered_store_does_not_deliver_twice(
+    bus: str, routers: Routers, data_dir: Path
+) -> None:
+    """White box. The router stores a durable subscription's `delivered` just after committing a
+    span to its ring; a router killed in between left it behind, and the next router wrote the
+    span to the same ring again (duplicates, not flagged redelivered). Before each commit it now
+    stores the intent (ring position, last seq). Here the state file is set back to what such a
+    crash leaves: the ring reaching the intent's position says the span is in it."""
+    options: dict[str, Any] = {"data_dir": data_dir, "durable": "ic.>"}
+    state = data_dir / "durable" / "z.sub"
+    first = routers.start(**options)
+    with shmq.Subscriber(bus, "ic.>", durable="z") as sub, shmq.Publisher(bus) as pub:
+        publish_counters(pub, "ic.t", range(50))
+        got = receive_until(sub, up_to(50))
+        assert wait_until(lambda: read_state(state).delivered == 50, WAIT_S)
+        first.kill()
+        put(state, STATE_DELIVERED, struct.pack("<Q", 30))
+        routers.start(**options)
+        publish_counters(pub, "ic.t", range(50, 60))
+        got += receive_until(sub, up_to(60))
+    assert log_seqs(got) == list(range(1, 61))
+    assert not any(m.redelivered for m in got)
+
+
+def test_an_intent_the_ring_never_reached_is_not_taken_for_delivery(
+    bus: str, routers: Routers, data_dir: Path
+) -> None:
+    """The other side of the intent: a router killed after storing it and before the commit
+    left a later seq beside a ring position the ring never reached; nothing may be skipped."""
+    options: dict[str, Any] = {"data_dir": data_dir, "durable": "in.>"}
+    state = data_dir / "durable" / "z.sub"
+    first = routers.start(**options)
+    with shmq.Subscriber(bus, "in.>", durable="z") as sub, shmq.Publisher(bus) as pub:
+        publish_counters(pub, "in.t", range(50))
+        got = receive_until(sub, up_to(50))
+        assert wait_until(lambda: read_state(state).delivered == 50, WAIT_S)
+        first.kill()
+        put(state, STATE_INTENT_END, struct.pack("<Q", 1 << 40))
+        put(state, STATE_INTENT_SEQ, struct.pack("<Q", 55))
+        routers.start(**options)
+        publish_counters(pub, "in.t", range(50, 60))
+        got += receive_until(sub, up_to(60))
+    assert log_seqs(got) == list(range(1, 61))
+
+
+def test_a_replaying_subscriber_resumes_after_what_its_ring_got(
+    bus: str, routers: Routers, data_dir: Path
+) -> None:
+    """White box, as above for a start= subscriber: after a router restart it says hello with
+    start = the last log seq its ring got, which it read from its bus slot (LOG_SEQ, stored
+    after the commit) and now checks against the intent stored before it."""
+    options: dict[str, Any] = {"data_dir": data_dir, "durable": "ir.>"}
+    first = routers.start(**options)
+    with shmq.Publisher(bus) as pub:
+        publish_counters(pub, "ir.t", range(50))
+        with shmq.Subscriber(bus, "ir.>", start="earliest") as sub:
+            got = receive_until(sub, up_to(50))
+            assert wait_until(lambda: sub.stats().log_seq == 50, WAIT_S)
+            mapping = sub._bus_segment.mapping  # type: ignore[union-attr]
+            slot: int = sub._slot
+            off = struct.unpack_from("<Q", mapping, _bus.OFF_SUBSCRIBERS)[0] + slot * _bus.SUBSCRIBER_SLOT
+            struct.pack_into("<Q", mapping, off + _bus.SS_LOG_SEQ, 30)
+            first.kill()
+            routers.start(**options)
+            publish_counters(pub, "ir.t", range(50, 60))
+            got += receive_until(sub, up_to(60))
+    assert log_seqs(got) == list(range(1, 61))
 
 
 def test_a_record_larger_than_a_segment_gets_a_segment_of_its_own(

@@ -152,27 +152,31 @@ static PyObject *Forwarder_log_remove_before(ForwarderObject *self, PyObject *ar
     return PyLong_FromLong(n);
 }
 
-/* set_output_log(id, start_seq, redelivered_upto, state_buffer | None, state_offset, filter | None) */
+/* set_output_log(id, start_seq, redelivered_upto, state_buffer | None, delivered_offset,
+ *                intent_offset, filter | None) */
 static PyObject *Forwarder_set_output_log(ForwarderObject *self, PyObject *args)
 {
     unsigned long id;
     unsigned long long start, redelivered;
     PyObject *state, *filter;
-    long long state_off;
-    if (!PyArg_ParseTuple(args, "kKKOLO:set_output_log", &id, &start, &redelivered, &state, &state_off, &filter))
+    long long delivered_off, intent_off;
+    if (!PyArg_ParseTuple(args, "kKKOLLO:set_output_log", &id, &start, &redelivered, &state, &delivered_off,
+                          &intent_off, &filter))
         return NULL;
     LOG_CHECK(self);
-    uint64_t *delivered = NULL;
+    uint64_t *delivered = NULL, *intent = NULL;
     if (state != Py_None) {
         Py_buffer *view = keep_buffer(self, "d", id, state);
         if (!view)
             return NULL;
-        if (state_off < 0 || state_off % 8 || state_off + 8 > view->len) {
+        if (delivered_off < 0 || delivered_off % 8 || delivered_off + 8 > view->len || intent_off < 0 ||
+            intent_off % 8 || intent_off + 16 > view->len) {
             drop_buffer(self, "d", id);
             PyErr_SetString(error_class(E_INVALID_ARGUMENT), "bad state offset");
             return NULL;
         }
-        delivered = (uint64_t *)((uint8_t *)view->buf + state_off);
+        delivered = (uint64_t *)((uint8_t *)view->buf + delivered_off);
+        intent = (uint64_t *)((uint8_t *)view->buf + intent_off);
     }
     uint8_t *program = NULL;
     uint32_t program_len = 0;
@@ -189,7 +193,8 @@ static PyObject *Forwarder_set_output_log(ForwarderObject *self, PyObject *args)
         memcpy(program, PyBytes_AS_STRING(filter), program_len);
     }
     lock_forwarder(self);
-    int rc = shmq_fwd_set_output_log(self->f, (uint32_t)id, start, redelivered, delivered, program, program_len);
+    int rc = shmq_fwd_set_output_log(self->f, (uint32_t)id, start, redelivered, delivered, intent, program,
+                                     program_len);
     unlock_forwarder(self);
     if (rc != SHMQ_OK) {
         free(program);

@@ -243,7 +243,8 @@ class Forwarder:
         start_seq: int,
         redelivered_upto: int,
         state: Buffer | None,
-        state_offset: int,
+        delivered_offset: int,
+        intent_offset: int,
         filter: bytes | None,
         /,
     ) -> None: ...

@@ -416,7 +416,9 @@ struct fwd_output {
     uint32_t log_filter_len;
     uint64_t redelivered_upto;
     uint64_t *delivered;      /* (a durable subscription's state file) last seq committed */
+    uint64_t *intent;         /* (same file) ring position and last seq of the commit under way */
     uint64_t written_seq;     /* last seq written, committed with the span */
+    uint64_t committed_seq;   /* written_seq as of the last commit */
     /* Spill: a private log of what did not fit, drained in order as room frees up. */
     char *spill_dir;
     uint64_t spill_max, spill_segment, spill_bytes, spill_msgs, spill_reading;
@@ -611,10 +613,27 @@ int shmq_fwd_add_output(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t 
 static void commit_output(fwd_output *o)
 {
     if (o->open) {
+        int logged = o->cursor && o->written_seq != o->committed_seq;
+        if (logged) {
+            /* The intent: a router dying between the commit and the stores after it leaves
+             * LOG_SEQ and `delivered` behind; whoever resumes compares the ring's tail_commit
+             * with INTENT_END to learn whether the records up to INTENT_SEQ reached the ring.
+             * END goes first: a death between the two stores leaves the old SEQ beside an END
+             * the ring never reaches, which reads "not committed", as it was. Relaxed: the
+             * reader runs after this process is gone, and the commit's release store below
+             * orders them before the frames for anyone watching live. */
+            stat_set(o->stats, SHMQ_SS_INTENT_END, o->span.end);
+            stat_set(o->stats, SHMQ_SS_INTENT_SEQ, o->written_seq);
+            if (o->intent) {
+                atomic_store_explicit((_Atomic uint64_t *)&o->intent[0], o->span.end, RELAXED);
+                atomic_store_explicit((_Atomic uint64_t *)&o->intent[1], o->written_seq, RELAXED);
+            }
+        }
         /* Our claims were made in order by us alone, so the turn is ours. */
         shmq_commit(&o->ring, &o->span);
         o->open = 0;
-        if (o->cursor && o->written_seq) {
+        if (logged) {
+            o->committed_seq = o->written_seq;
             stat_set(o->stats, SHMQ_SS_LOG_SEQ, o->written_seq);
             /* SYNC: release, after the commit: a durable subscription's state never says a
              * record was delivered before its subscriber could read it. */
@@ -1178,8 +1197,15 @@ static int log_message(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, u
     f->cur_log_seq = 0;
     in->stall_log_seq = 0;
     /* A message this publisher's ring still held when the last router died may be in the
-     * log already (appended, not yet released): recovery remembers the last seq per
-     * publisher and topic. Publisher seqs only grow, so anything not above it is there. */
+     * log already (appended, not yet released). Appending marks the frame in the ring with
+     * its record's seq; the mark counts once the log confirms it. */
+    if (m->log_seq && shmq_log_holds(f->log, m->log_seq, m->publisher_id, m->seq)) {
+        f->cur_log_seq = in->stall_log_seq = m->log_seq;
+        return 0;
+    }
+    /* The last record may have been appended and not yet marked when the router died:
+     * recovery remembers the last seq per publisher and topic of the last segments.
+     * Publisher seqs only grow, so anything not above it is there. */
     if (f->log->seen.n && m->seq <= shmq_log_seen_seq(f->log, m->publisher_id, m->topic, m->topic_len))
         return 0;
     uint64_t seq;
@@ -1196,12 +1222,16 @@ static int log_message(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, u
     stat_set(f->bus, SHMQ_BUS_OFF_LOG_NEXT, f->log->next_seq);
     if (atomic_load_explicit(U32_AT(f->bus, SHMQ_BUS_OFF_LOG_ERROR), RELAXED))
         atomic_store_explicit(U32_AT(f->bus, SHMQ_BUS_OFF_LOG_ERROR), 0, RELAXED);
+    /* The ring's frame is committed and not yet released, so its publisher leaves it alone
+     * until we do; the next router reads the mark there (a plain store: a dead process's
+     * stores to shared memory stay). */
+    wr64((uint8_t *)frame + SHMQ_MSG_OFF_LOG_SEQ, seq);
     f->cur_log_seq = in->stall_log_seq = seq;
     return 0;
 }
 
 int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, uint64_t redelivered_upto,
-                            uint64_t *delivered, uint8_t *filter, uint32_t filter_len)
+                            uint64_t *delivered, uint64_t *intent, uint8_t *filter, uint32_t filter_len)
 {
     fwd_output *o = shmq_fwd_output(f, id);
     if (!o || !f->log || o->cursor)
@@ -1219,6 +1249,7 @@ int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, 
     o->cursor = c;
     o->redelivered_upto = redelivered_upto;
     o->delivered = delivered;
+    o->intent = intent;
     o->log_filter = filter;
     o->log_filter_len = filter_len;
     return SHMQ_OK;

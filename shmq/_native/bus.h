@@ -156,7 +156,12 @@ enum {
     SHMQ_SS_LOG_SEQ = 144,   /* the log sequence of the last of them */
     SHMQ_SS_SKIPPED = 152,   /* log records it never got: removed by retention, or damaged */
     SHMQ_SS_SPILL_MAX = 160, /* spill: the most bytes its spill file held */
-    SHMQ_SS_SPILL_MSGS = 168 /* spill: messages in its spill file now */
+    SHMQ_SS_SPILL_MSGS = 168, /* spill: messages in its spill file now */
+    /* Log-fed: stored before each commit, so that after a crash between the commit and the
+     * store of LOG_SEQ the ring's tail_commit tells whether the commit happened (>= END: it
+     * did, and SEQ is the last seq the ring got). END first, then SEQ. */
+    SHMQ_SS_INTENT_END = 176,
+    SHMQ_SS_INTENT_SEQ = 184
 };
 #define SHMQ_SUBSCRIBER_SLOT 768
 /* Per-topic statistics slot. */
@@ -233,10 +238,11 @@ void shmq_fwd_set_log(shmq_forwarder *f, shmq_log *log, int confirm);
 void shmq_fwd_log_synced(shmq_forwarder *f);
 /* Feeds output `id` from the log, from record `start_seq` on, instead of from the routes of
  * durable topics (the caller leaves it out of those). Records up to `redelivered_upto` are
- * flagged redelivered; `delivered` (may be NULL) is kept at the last seq committed to it.
- * Takes ownership of filter. */
+ * flagged redelivered; `delivered` (may be NULL) is kept at the last seq committed to it,
+ * and `intent` (two words: ring position, seq; NULL with delivered) says before each commit
+ * what it will be, as SHMQ_SS_INTENT_* do. Takes ownership of filter. */
 int shmq_fwd_set_output_log(shmq_forwarder *f, uint32_t id, uint64_t start_seq, uint64_t redelivered_upto,
-                            uint64_t *delivered, uint8_t *filter, uint32_t filter_len);
+                            uint64_t *delivered, uint64_t *intent, uint8_t *filter, uint32_t filter_len);
 /* Whether log-fed output `id` takes topic `global_id` (set for every topic the log carries). */
 int shmq_fwd_set_output_match(shmq_forwarder *f, uint32_t id, uint32_t global_id, int match);
 /* Makes output `id` spill to files under `dir` (created, and removed when drained) when its ring

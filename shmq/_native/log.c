@@ -411,6 +411,39 @@ static void remember(shmq_log *log, const uint8_t *body, uint32_t len)
     seen_put(&log->seen, seen_key(rd32(body + 8), body + 40, topic_len), rd64(body + 16));
 }
 
+static void drop_check(shmq_log *log)
+{
+    if (log->check) {
+        shmq_log_cursor_close(log->check);
+        free(log->check);
+        log->check = NULL;
+    }
+}
+
+int shmq_log_holds(shmq_log *log, uint64_t seq, uint32_t publisher, uint64_t pub_seq)
+{
+    if (!seq || seq >= log->next_seq)
+        return 0;
+    /* The frames to check come in runs of growing seqs (one input's unreleased reads), so
+     * one reader serves a run; an earlier seq starts a new one. */
+    if (log->check && log->check->next_seq > seq)
+        drop_check(log);
+    if (!log->check) {
+        log->check = calloc(1, sizeof *log->check);
+        if (!log->check)
+            return 0;
+        if (shmq_log_cursor_open(log->check, log->dir, log->checksums, SHMQ_START_SEQ, seq) != SHMQ_LOG_OK) {
+            drop_check(log);
+            return 0;
+        }
+    }
+    log->check->next_seq = seq;
+    shmq_log_record r;
+    if (shmq_log_cursor_next(log->check, seq + 1, &r) != SHMQ_LOG_OK || r.seq != seq || r.len < 40)
+        return 0;
+    return rd32(r.body + 8) == publisher && rd64(r.body + 16) == pub_seq;
+}
+
 /* ------------------------------------------------------------------ */
 /* The writer                                                          */
 /* ------------------------------------------------------------------ */
@@ -582,6 +615,7 @@ void shmq_log_close(shmq_log *log)
     free(log->dir);
     free(log->seen.keys);
     free(log->seen.seqs);
+    drop_check(log);
     memset(log, 0, sizeof *log);
     log->fd = -1;
 }
@@ -716,6 +750,7 @@ int shmq_log_remove_before(shmq_log *log, uint64_t seq)
     if (n < 0)
         return -1;
     int removed = 0;
+    drop_check(log); /* (it may map a segment about to go) */
     /* Segment i holds seqs bases[i] .. bases[i+1]-1: it may go when bases[i+1] <= seq. */
     for (int64_t i = 0; i + 1 < n; i++) {
         if (bases[i + 1] > seq || bases[i] == log->base_seq)

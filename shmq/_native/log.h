@@ -97,6 +97,7 @@ typedef struct shmq_log {
     shmq_log_damage damage[SHMQ_LOG_MAX_DAMAGE];
     uint32_t ndamage;
     shmq_log_seen seen;
+    struct shmq_log_cursor *check; /* shmq_log_holds's reader, kept while its seqs grow */
 } shmq_log;
 
 enum {
@@ -117,6 +118,10 @@ void shmq_log_destroy(shmq_log *log);
 int shmq_log_append(shmq_log *log, const uint8_t *body, uint32_t len, int message, uint64_t *seq);
 /* The highest publisher seq recovery saw for (publisher, topic), 0 if none. */
 uint64_t shmq_log_seen_seq(const shmq_log *log, uint32_t publisher, const uint8_t *topic, uint32_t topic_len);
+/* 1 if record `seq` is the pub/sub message (publisher, pub_seq), 0 if not (or if the log
+ * cannot say). For frames a dead router marked as appended: the mark is a claim the log must
+ * confirm, since the directory may have been replaced since. */
+int shmq_log_holds(shmq_log *log, uint64_t seq, uint32_t publisher, uint64_t pub_seq);
 
 /* Syncing in three steps, so the slow middle one runs without the caller's lock:
  * prepare (locked) picks what to flush, run (unlocked) flushes, finish (locked)
