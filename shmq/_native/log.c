@@ -217,7 +217,8 @@ int64_t shmq_log_segments(const char *dir, uint64_t **bases)
         v[n++] = base;
     }
     closedir(d);
-    qsort(v, n, sizeof *v, cmp_u64);
+    if (n > 1) /* (qsort with a NULL base is undefined even for 0 elements) */
+        qsort(v, n, sizeof *v, cmp_u64);
     *bases = v;
     return (int64_t)n;
 }
