@@ -47,6 +47,7 @@ from shmq._errors import (
 )
 from shmq._errors import native_error_classes as _native_error_classes
 from shmq._native import _ring
+from shmq.acl import Acl
 from shmq.pubsub import Message, Publisher, Subscriber
 from shmq.queue import Queue, QueueStats
 from shmq.router import Router
@@ -56,6 +57,7 @@ _ring.set_error_classes(_native_error_classes())
 __version__ = "0.1.0"
 
 __all__ = [
+    "Acl",
     "AlreadyExists",
     "ArgumentTypeError",
     "BusStats",

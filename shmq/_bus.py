@@ -80,6 +80,9 @@ SS_SPILLED, SS_SPILL_BYTES, SS_SPILL_FULL, SS_REPLAYED, SS_LOG_SEQ, SS_SKIPPED, 
 )
 SS_SPILL_MSGS = 168
 SS_INTENT_END, SS_INTENT_SEQ = 176, 184  # log-fed: stored before each commit (bus.h)
+# The client's uid and gid as the kernel reported them at connect (SO_PEERCRED); Python only.
+PS_UID, PS_GID = 144, 148
+SS_UID, SS_GID = 192, 196
 SUBSCRIBER_DESCRIPTION = 256  # offset of the JSON description in a subscriber slot
 SUBSCRIBER_DESCRIPTION_MAX = SUBSCRIBER_SLOT - SUBSCRIBER_DESCRIPTION
 
@@ -191,6 +194,8 @@ class PublisherStats:
     depth_messages: int  #: published and not yet routed
     depth_bytes: int
     stalls: int  #: times its next message waited for a full `block` subscriber (back-pressure)
+    uid: int = -1  #: its user and group, as the kernel told the router (-1: not known)
+    gid: int = -1
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,8 @@ class SubscriberStats:
     replayed: int = 0  #: messages it got from the durable log (start= or durable=)
     log_seq: int = 0  #: the log sequence of the last of them
     skipped: int = 0  #: log records it never got (removed by retention, or damaged)
+    uid: int = -1  #: its user and group, as the kernel told the router (-1: not known)
+    gid: int = -1
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,8 @@ def read_publisher(bus: str, buf: Any, off: int) -> PublisherStats:
         depth_messages=u64(buf, off + 40),
         depth_bytes=u64(buf, off + 48),
         stalls=u64(buf, off + 32),
+        uid=u32(buf, off + PS_UID),
+        gid=u32(buf, off + PS_GID),
     )
 
 
@@ -330,6 +339,8 @@ def read_subscriber(bus: str, buf: Any, off: int, live_ring: Any = None) -> Subs
         replayed=u64(buf, off + SS_REPLAYED),
         log_seq=u64(buf, off + SS_LOG_SEQ),
         skipped=u64(buf, off + SS_SKIPPED),
+        uid=u32(buf, off + SS_UID),
+        gid=u32(buf, off + SS_GID),
     )
 
 

@@ -11,12 +11,16 @@ whichever process happens to exit first.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
 import time
 from dataclasses import dataclass
 
+import psutil
+
+from shmq._attach import Attachment, Registration, attachments, untracked
 from shmq._errors import AlreadyExists, CorruptSegment, InvalidArgument, NotFound, PermissionDenied
 
 SHM_DIR = "/dev/shm"
@@ -43,6 +47,26 @@ def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, SEGMENT_PREFIX + name)
 
 
+def validate_mode(mode: object) -> int:
+    """Return `mode` if it can be a segment's permission bits, else raise InvalidArgument saying why.
+
+    The owner must keep read and write (it maps the segment read-write); the others may have read
+    and write too; execute, setuid, setgid and sticky bits mean nothing for shared memory."""
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise InvalidArgument(f"mode must be an int such as 0o600 or 0o660, got {mode!r}")
+    if mode & ~0o666 or mode & 0o600 != 0o600:
+        raise InvalidArgument(
+            f"mode must give the owner read and write and nothing but read and write to anyone "
+            f"(0o600, 0o640, 0o660, 0o666...), got {oct(mode) if mode >= 0 else mode}"
+        )
+    return mode
+
+
+def set_mode(name: str, mode: int) -> None:
+    """Give a segment exactly `mode` (the umask narrowed what os.open created)."""
+    os.chmod(segment_path(name), mode)
+
+
 # Fault the whole segment into this process's page tables when mapping it. Otherwise
 # the ring's first lap takes a page fault every 4 KiB (every 57 frames of 64 B),
 # ~10 us each in a VM: a stall in exactly the latency percentiles users measure.
@@ -56,7 +80,7 @@ def _map(fd: int, size: int) -> mmap.mmap:
 class Segment:
     """A mapped segment: `close()` unmaps it, `unlink(name)` removes the name."""
 
-    __slots__ = ("created", "mapping", "name", "path", "size")
+    __slots__ = ("created", "mapping", "name", "path", "registration", "size")
 
     def __init__(self, name: str, mapping: mmap.mmap, size: int, created: bool) -> None:
         self.name = name
@@ -64,6 +88,12 @@ class Segment:
         self.mapping = mapping
         self.size = size
         self.created = created
+        self.registration: Registration | None = None
+
+    def register(self, role: int) -> None:
+        """Enter this process in the ring's attachment table (a ring segment only) until close()."""
+        if self.registration is None:
+            self.registration = Registration(self.mapping, role)
 
     @classmethod
     def create(cls, name: str, size: int, mode: int = 0o600) -> Segment:
@@ -86,6 +116,34 @@ class Segment:
             raise
         os.close(fd)
         return cls(name, mapping, size, created=True)
+
+    @classmethod
+    def create_or_replace(cls, name: str, size: int, mode: int = 0o600) -> tuple[Segment, str]:
+        """Create the segment; if the name is taken by a segment only dead processes used (see
+        `abandoned`), remove that one first. Returns the segment and why one was replaced ("")."""
+        try:
+            return cls.create(name, size, mode), ""
+        except AlreadyExists:
+            path = segment_path(name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return cls.create(name, size, mode), ""
+        try:
+            # The lock makes one replacer of many; each checks that the name still means the
+            # file it locked (another replacer may have put a new segment there meanwhile).
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            reason = abandoned(read_info(name)) if same else ""
+            if not reason:
+                return cls.create(name, size, mode), ""  # (raises AlreadyExists if it is in use)
+            os.unlink(path)
+            return cls.create(name, size, mode), reason
+        finally:
+            os.close(fd)
 
     @classmethod
     def attach(cls, name: str, min_size: int) -> Segment:
@@ -120,6 +178,8 @@ class Segment:
 
     def close(self) -> bool:
         """Unmap; False if something still uses the mapping (it is unmapped when that ends)."""
+        if self.registration is not None:
+            self.registration.close()
         try:
             self.mapping.close()
         except BufferError:
@@ -152,6 +212,8 @@ class SegmentInfo:
     depth_bytes: int
     owner_uid: int
     mode: int
+    attached: tuple[Attachment, ...] = ()  #: the ring's attachment table (shmq/_attach.py)
+    untracked: int = 0  #: handles attached without an entry (the table was full)
 
 
 _KIND_NAMES = {1: "spsc", 2: "mpsc", 3: "mpmc"}
@@ -165,7 +227,7 @@ def read_info(name: str) -> SegmentInfo:
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            head = f.read(1024)
+            head = f.read(_ring.HEADER_SIZE)
     except FileNotFoundError:
         raise NotFound(f"queue {name!r} does not exist ({path})") from None
     except PermissionError as exc:
@@ -206,6 +268,7 @@ def read_info(name: str) -> SegmentInfo:
     elif u32(_ring.OFF_VERSION) != _ring.VERSION:
         problem = f"layout version {u32(_ring.OFF_VERSION)}, this shmq speaks {_ring.VERSION}"
     put, got = u64(_ring.OFF_TAIL_COMMIT + 8), u64(_ring.OFF_HEAD_RELEASE + 8)
+    whole = not problem and len(head) >= _ring.HEADER_SIZE
     return SegmentInfo(
         name=name,
         path=path,
@@ -220,4 +283,42 @@ def read_info(name: str) -> SegmentInfo:
         depth_bytes=max(0, u64(_ring.OFF_TAIL_COMMIT) - u64(_ring.OFF_HEAD_RELEASE)),
         owner_uid=st.st_uid,
         mode=st.st_mode & 0o777,
+        attached=tuple(attachments(head)) if whole else (),
+        untracked=untracked(head) if whole else 0,
     )
+
+
+def process_started_by(pid: int, when_ns: int) -> bool:
+    """True if process `pid` runs and started by `when_ns` (so a reused pid, started later, does
+    not pass for the process that made something at `when_ns`)."""
+    try:
+        process = psutil.Process(pid)
+        started, zombie = process.create_time(), process.status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+    # (create_time has a resolution of a clock tick, and it is derived from the boot time)
+    return bool(started <= when_ns / 1e9 + 1.0) and not zombie
+
+
+#: A segment that was never finished (no magic) is left alone this long: its creator may be mid-way.
+UNFINISHED_GRACE_S = 10.0
+
+
+def abandoned(info: SegmentInfo) -> str:
+    """Why only dead processes used this segment ("" if anyone may still use it, or if it is not
+    shmq's to judge). The rule of `shmq gc` and of `Queue(create=True)` over an existing name."""
+    if info.kind == "bus":
+        if not info.valid or process_started_by(info.creator_pid, info.created_ns):
+            return ""
+        return f"its router (pid {info.creator_pid}) is gone"
+    if not info.valid:
+        if info.problem == "never finished by its creator":
+            age = time.time() - os.stat(info.path).st_mtime if os.path.exists(info.path) else 0.0
+            return f"never finished by its creator ({age:.0f} s old)" if age > UNFINISHED_GRACE_S else ""
+        return ""  # not a shmq ring (another program's segment under the prefix), or another version
+    if any(a.alive for a in info.attached) or info.untracked:
+        return ""
+    if process_started_by(info.creator_pid, info.created_ns):
+        return ""  # its creator runs, and may attach again by name
+    pids = sorted({a.pid for a in info.attached} | {info.creator_pid})
+    return "every process that used it is gone (pid " + ", ".join(map(str, pids)) + ")"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -30,7 +31,6 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 import click
-import psutil
 
 from shmq import _bus
 from shmq._bus import BusStats, bus_stats
@@ -45,7 +45,7 @@ from shmq._errors import (
     RouterUnavailable,
     ShmqError,
 )
-from shmq._segment import SegmentInfo, read_info, segment_path
+from shmq._segment import SegmentInfo, abandoned, process_started_by, read_info, segment_path
 from shmq.log import LogEntry, LogReport, LogSegment, inspect_log, read_log, wall_time
 from shmq.pubsub import Message, Publisher, Subscriber
 from shmq.queue import WAITS
@@ -57,12 +57,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 def creator_alive(info: SegmentInfo) -> bool:
     """True if the process that created the segment still runs (a reused pid does not count)."""
-    try:
-        started = psutil.Process(info.creator_pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
-    # A process started after the segment was created cannot be its creator.
-    return bool(started <= info.created_ns / 1e9 + 1.0)
+    return process_started_by(info.creator_pid, info.created_ns)
 
 
 def fail(command: str, message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -208,15 +203,23 @@ def list_command(as_json: bool) -> None:
     if not rows:
         click.echo("no shmq segments")
         return
-    click.echo(f"{'NAME':40} {'KIND':5} {'CAPACITY':>10} {'QUEUED':>8} {'CREATOR':>8} {'ALIVE':5} CREATED")
+    click.echo(
+        f"{'NAME':40} {'KIND':5} {'CAPACITY':>10} {'QUEUED':>8} {'CREATOR':>8} {'ALIVE':5} "
+        f"{'ATTACHED':>8} CREATED"
+    )
     for row in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_ns"] / 1e9))
         kind = row["kind"] if row["valid"] else "BAD"
         alive = "yes" if row["creator_alive"] else "no"
         capacity = "-" if row["kind"] == "bus" else row["capacity"]
+        # live/all entries of the ring's attachment table (+N: handles it had no room for)
+        attached = row.get("attached", [])
+        live = f"{sum(a['alive'] for a in attached)}/{len(attached)}" if row["kind"] != "bus" else "-"
+        if row.get("untracked"):
+            live += f"+{row['untracked']}"
         line = (
             f"{row['name']:40} {kind:5} {capacity:>10} {row['depth_messages']:>8} "
-            f"{row['creator_pid']:>8} {alive:5} {created}"
+            f"{row['creator_pid']:>8} {alive:5} {live:>8} {created}"
         )
         if row["kind"] == "bus" and row["valid"]:
             line += (
@@ -224,6 +227,42 @@ def list_command(as_json: bool) -> None:
                 f"{row['subscribers']} subscribers, {row['topics']} topics, {row['messages']} messages)"
             )
         click.echo(line + (f"  ({row['problem']})" if row["problem"] else ""))
+
+
+@main.command("gc")
+@click.argument("patterns", nargs=-1)
+@click.option("--yes", is_flag=True, help="Remove them; without it, only print what would go.")
+def gc_command(patterns: tuple[str, ...], yes: bool) -> None:
+    """Remove segments that only dead processes used (all of them, or those whose names match a
+    PATTERN: shell-style, e.g. 'jobs*' or 'bus.prices*').
+
+    A ring goes when no running process holds an entry in its attachment table (pids are checked
+    with their start time, so a reused pid does not count), no handle attached without an entry,
+    and its creator is gone; a bus segment goes when its router is gone; a segment its creator
+    never finished goes after 10 s. Without --yes it prints what it would remove and changes
+    nothing. Segments of other users that this user cannot read are skipped, and said so.
+    """
+    found = 0
+    for name in list_segments():
+        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        try:
+            info = read_info(name)
+        except ShmqError as exc:
+            click.echo(f"skipped {name}: {exc}", err=True)
+            continue
+        reason = abandoned(info)
+        if not reason:
+            continue
+        found += 1
+        if not yes:
+            click.echo(f"would remove {name}: {reason}")
+        elif remove_segment(name):
+            click.echo(f"removed {name}: {reason}")
+    if not found:
+        click.echo("nothing to remove: every segment has a live participant")
+    elif not yes:
+        click.echo(f"{found} segment(s) would be removed; run `shmq gc --yes` to remove them")
 
 
 @main.command("rm")
@@ -320,6 +359,20 @@ def _log_to_stderr(logger: str) -> None:
 @click.option(
     "--max-spill-bytes", type=click.IntRange(min=1), help="Per subscriber (default: half the free space)."
 )
+@click.option(
+    "--acl",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Who may publish and subscribe to what (format: shmq/acl.py). Without it only this user "
+    "and root may connect.",
+)
+@click.option(
+    "--mode",
+    default="600",
+    show_default=True,
+    metavar="OCTAL",
+    help="Permission bits of the bus segment, e.g. 660 to let a shared group's clients open it.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log clients arriving and leaving (to stderr).")
 def router_command(
     bus: str,
@@ -337,6 +390,8 @@ def router_command(
     retain_seconds: float | None,
     spill_dir: str | None,
     max_spill_bytes: int | None,
+    acl: str | None,
+    mode: str,
     verbose: bool,
 ) -> None:
     """Run the router of BUS in the foreground until Ctrl-C or SIGTERM.
@@ -380,6 +435,8 @@ def router_command(
             retain_seconds=retain_seconds,
             spill_dir=spill_dir,
             max_spill_bytes=max_spill_bytes,
+            acl=acl,
+            mode=_octal_mode(mode),
             ready=ready,
         )
     except AlreadyExists as exc:
@@ -390,6 +447,14 @@ def router_command(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     click.echo(f"shmq router: stopped serving bus {bus!r}")
+
+
+def _octal_mode(text: str) -> int:
+    """--mode as chmod writes it: 660, 0660 or 0o660 (checked by validate_mode in serve)."""
+    digits = text.removeprefix("0o")
+    if not digits or any(c not in "01234567" for c in digits):
+        raise InvalidArgument(f"--mode is octal permission bits such as 600, 660 or 666, got {text!r}")
+    return int(digits, 8)
 
 
 _INT = re.compile(r"-?[0-9]+")

@@ -61,7 +61,8 @@ Semantics (headers map str to str | int | float | bool):
   of one kind that is ``x != l1 and x != l2 ...``.
 
 Limits: an expression is at most 4096 characters; nesting is at most 64 levels, counting each
-open ``(`` and each ``not`` around a point; a list holds at most 1024 literals. Anything beyond
+open ``(`` and each ``not`` around a point; a list holds at most 1024 literals; a header name has
+at most 255 bytes in UTF-8 (as in headers themselves). Anything beyond
 is an `InvalidFilter`, never a RecursionError.
 
 Errors: every problem in the text raises `InvalidFilter` with ``.expression`` and ``.position``
@@ -105,6 +106,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_LENGTH",
     "MAX_LIST",
+    "MAX_NAME_BYTES",
     "And",
     "Compare",
     "Filter",
@@ -121,6 +123,7 @@ __all__ = [
 MAX_LENGTH = 4096  #: characters in an expression
 MAX_DEPTH = 64  #: open parentheses and `not`s around any point
 MAX_LIST = 1024  #: literals in an `in` list
+MAX_NAME_BYTES = 255  #: UTF-8 bytes of a header name (as in headers on the wire)
 
 Value: TypeAlias = str | int | float | bool
 Op: TypeAlias = Literal["==", "!=", "<", "<=", ">", ">="]
@@ -161,6 +164,12 @@ def _check_field(name: object) -> None:
         raise _problem(f"a header name must be a str, not {type(name).__name__}")
     if not name:
         raise _problem("a header name cannot be empty")
+    if _name_bytes(name) > MAX_NAME_BYTES:
+        raise _problem(f"a header name has at most {MAX_NAME_BYTES} bytes in UTF-8: {name[:20]!r}...")
+
+
+def _name_bytes(name: str) -> int:
+    return len(name.encode("utf-8", "surrogatepass"))
 
 
 def _check_literal(value: object) -> None:
@@ -421,6 +430,7 @@ def _tokens(text: str) -> Iterator[_Token]:
             elif lower in _KEYWORDS:
                 yield _Token("kw", lower, i, word)
             else:
+                _check_name_length(text, i, word)
                 yield _Token("name", word, i, word)
             i = m.end()
         elif c in _DIGITS or (c == "-" and i + 1 < n and text[i + 1] in _DIGITS):
@@ -431,6 +441,7 @@ def _tokens(text: str) -> Iterator[_Token]:
             if c == "`":
                 if not value:
                     _fail(text, i, "empty header name", "a header name needs at least one character")
+                _check_name_length(text, i, value)
                 yield _Token("name", value, i, text[i:end])
             else:
                 yield _Token("literal", value, i, text[i:end])
@@ -448,6 +459,13 @@ def _tokens(text: str) -> Iterator[_Token]:
             shown = repr(c) if c.isprintable() else f"U+{ord(c):04X}"
             _fail(text, i, f"unexpected character {shown}", _HINTS.get(c, ""))
     yield _Token("end", None, n, "")
+
+
+def _check_name_length(text: str, i: int, name: str) -> None:
+    # Headers on the wire have names of at most 255 bytes: a longer one could never match, and
+    # the router's program could not hold it.
+    if _name_bytes(name) > MAX_NAME_BYTES:
+        _fail(text, i, "header name too long", f"at most {MAX_NAME_BYTES} bytes in UTF-8")
 
 
 def _number(text: str, i: int) -> tuple[_Token, int]:

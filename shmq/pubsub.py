@@ -39,12 +39,14 @@ from shmq._errors import (
     LogWriteError,
     NotDurable,
     NotFound,
+    PermissionDenied,
     RouterUnavailable,
     ShmqError,
 )
 from shmq._native import _ring
-from shmq._segment import Segment
+from shmq._segment import Segment, set_mode, validate_mode
 from shmq._wire import encode_headers
+from shmq.acl import first_match
 from shmq.filters import compile_filter
 from shmq.queue import DEFAULT_CAPACITY, WAITS, Kind, Queue, Wait, _check_capacity
 from shmq.topics import matches, validate_pattern, validate_topic
@@ -262,6 +264,10 @@ class Publisher(_ring.PublisherCore, _Client):
 
     Use one Publisher from several threads if you like (its ring takes several producers); close
     it (or use ``with``) to wait until the router took everything (``linger``) and free the ring.
+
+    On a router with an ACL (shmq/acl.py), publishing on a topic the ACL refuses this user raises
+    `PermissionDenied` naming the topic and the rule, and nothing is written. `mode` is the ring's
+    permission bits (default 0o600); a router running as another user needs e.g. 0o660 or 0o666.
     """
 
     def __init__(
@@ -271,16 +277,22 @@ class Publisher(_ring.PublisherCore, _Client):
         capacity: int = DEFAULT_CAPACITY,
         wait: Wait = "adaptive",
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        mode: int = 0o600,
     ) -> None:
         self._bus = validate_bus(bus)
         if not isinstance(wait, str) or wait not in WAITS:
             raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
         _check_capacity(capacity)
+        validate_mode(mode)
         self._bus_segment = None
         self._slot = -1
+        # (allows, pattern, which rule) for this user from the router's ACL; None: no ACL
+        self._publish_rules: list[tuple[bool, str, str]] | None = None
+        self._acl_source = ""
         ring = Queue(_bus.client_ring_name(bus, "p"), create=True, kind="mpsc", capacity=capacity, wait=wait)
         self._publisher_id = _random_id()
         try:
+            set_mode(ring.name, mode)
             super().__init__(ring, self._publisher_id)
             self._ring = ring
             self._link = _Link(
@@ -309,15 +321,37 @@ class Publisher(_ring.PublisherCore, _Client):
     # -- called by the native half -----------------------------------------------------------
 
     def _prepare(self, topic: str, deadline_ns: int) -> None:
-        """Register a new topic, and wait for a router if there is none right now."""
+        """Register a new topic, and wait for a router if there is none right now.
+
+        The native publish calls this only for a topic it has not seen, or while disconnected,
+        so the ACL check here costs nothing on the hot path."""
         self._check_open()
         validate_topic(topic)
-        self._add_topic(topic, 0)
         if not self.connected and not self._link.wait_connected(deadline_ns):
             self._check_open()
             raise RouterUnavailable(
                 f"no router is serving bus {self._bus!r} (waited for it to come back); start one with "
                 f"`shmq router {self._bus}`; nothing was published"
+            )
+        self._check_permission(topic)
+        self._add_topic(topic, 0)
+
+    def _check_permission(self, topic: str) -> None:
+        """Raise PermissionDenied if the router's ACL refuses us `topic` (first matching rule)."""
+        rules = self._publish_rules
+        if rules is None:
+            return
+        found = first_match(rules, topic)
+        if found is None:
+            raise PermissionDenied(
+                f"publishing on {topic!r} is not allowed on bus {self._bus!r}: no rule in "
+                f"{self._acl_source} allows this user to publish on it; ask for an 'allow publish' rule; "
+                "nothing was published"
+            )
+        allowed, rule = found
+        if not allowed:
+            raise PermissionDenied(
+                f"publishing on {topic!r} is denied by {rule} (bus {self._bus!r}); nothing was published"
             )
 
     def _timed_out(self, nbytes: int) -> None:
@@ -336,6 +370,13 @@ class Publisher(_ring.PublisherCore, _Client):
         return encode_headers(headers)
 
     def _connected(self, reply: dict[str, Any]) -> None:
+        rules = reply.get("publish_rules")
+        self._acl_source = str(reply.get("acl_source", ""))
+        self._publish_rules = (
+            None
+            if rules is None
+            else [(bool(allow), str(pattern), str(rule)) for allow, pattern, rule in rules]
+        )
         segment = self._map_bus(reply)
         self._set_bus(segment.mapping)
         durable = tuple(reply.get("durable", ()))
@@ -466,6 +507,8 @@ class Publisher(_ring.PublisherCore, _Client):
             depth_messages=counters["depth_messages"],
             depth_bytes=counters["depth_bytes"],
             stalls=stalls,
+            uid=os.geteuid(),
+            gid=os.getegid(),
         )
 
     def last_seqs(self) -> dict[str, int]:
@@ -536,6 +579,10 @@ class Subscriber(_ring.SubscriberCore, _Client):
     ``msg.ack()`` / ``sub.ack(msg)`` (cumulative); unacknowledged ones come again with
     ``msg.redelivered`` True (at-least-once).
 
+    On a router with an ACL (shmq/acl.py), every pattern must be allowed to this user (a rule's
+    pattern must cover it entirely), else the constructor raises `PermissionDenied` naming the
+    pattern and the rule. `mode` is the ring's permission bits (default 0o600).
+
     ``recv(timeout=None)`` returns a `Message` and raises `Empty` at the timeout;
     ``recv_many`` returns a list ([] at the timeout); iterating blocks and ends when the
     subscriber is closed; ``recv_async`` / ``aiter()`` are for asyncio.
@@ -556,9 +603,11 @@ class Subscriber(_ring.SubscriberCore, _Client):
         max_spill_bytes: int | None = None,
         wait: Wait = "adaptive",
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        mode: int = 0o600,
     ) -> None:
         self._bus = validate_bus(bus)
         self.patterns = _patterns(patterns)
+        validate_mode(mode)
         self.durable = None if durable is None else _durable.validate_durable_name(durable)
         wire_start = _start(start)
         if max_spill_bytes is not None:
@@ -597,6 +646,7 @@ class Subscriber(_ring.SubscriberCore, _Client):
         )  # drop_oldest: the router takes from it too
         ring = Queue(_bus.client_ring_name(bus, "s"), create=True, kind=kind, capacity=capacity, wait=wait)
         try:
+            set_mode(ring.name, mode)
             super().__init__(ring)
             self._ring = ring
             hello = {

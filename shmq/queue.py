@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pickle
 import struct
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from shmq._async import RingWaiter
+from shmq._attach import ROLE_CREATOR, ROLE_USER
 from shmq._errors import Empty, Full, IncompatibleSegment, InvalidArgument, MessageDecodeError, NotFound
 from shmq._native import _ring
 from shmq._segment import Segment, validate_name
+
+log = logging.getLogger("shmq.queue")
 
 Kind = Literal["spsc", "mpsc", "mpmc"]
 Wait = Literal["spin", "yield", "block", "adaptive"]
@@ -105,12 +109,15 @@ class Queue(_ring.Ring):
         self._write_waiter: RingWaiter | None = None
         if create:
             cap = DEFAULT_CAPACITY if capacity is None else capacity
-            segment = Segment.create(name, _ring.HEADER_SIZE + cap)
+            segment, replaced = Segment.create_or_replace(name, _ring.HEADER_SIZE + cap)
+            if replaced:
+                log.warning("queue %r: replaced the segment left behind under its name: %s", name, replaced)
             try:
                 _ring.format_segment(
                     segment.mapping, KINDS[kind or DEFAULT_KIND], cap, os.getpid(), time.time_ns()
                 )
                 super().__init__(segment.mapping, name, WAITS[wait])
+                segment.register(ROLE_CREATOR)
             except BaseException:
                 segment.close()
                 Segment.unlink(name)
@@ -129,6 +136,7 @@ class Queue(_ring.Ring):
                         f"queue {name!r} has capacity {self.capacity}, not {capacity}; attach "
                         f"without capacity= or with capacity={self.capacity}"
                     )
+                segment.register(ROLE_USER)
             except BaseException:
                 self._close_ring()
                 segment.close()

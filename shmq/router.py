@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shmq import _bus, _durable
+from shmq import _attach, _bus, _durable
 from shmq._bus import (
     OFF_GENERATION,
     OFF_HEARTBEAT_NS,
@@ -75,12 +75,22 @@ from shmq._errors import (
     InvalidArgument,
     LogWriteError,
     NotFound,
+    PermissionDenied,
     RouterUnavailable,
     ShmqError,
 )
 from shmq._native import _ring
-from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment
+from shmq._segment import (
+    SEGMENT_PREFIX,
+    SHM_DIR,
+    Segment,
+    segment_path,
+    set_mode,
+    validate_mode,
+    validate_name,
+)
 from shmq._wire import encode_filter
+from shmq.acl import Acl, PeerCredentials, default_admits, peer_credentials
 from shmq.filters import compile_filter
 from shmq.queue import WAITS
 from shmq.topics import TopicIndex, matches, validate_pattern, validate_topic
@@ -105,6 +115,7 @@ class _Publisher:
     link: LineSocket | None
     gone: bool = False  # its connection ended: drain its ring, then forget it
     corrupt: bool = False  # isolated: its ring is not read any more
+    peer: PeerCredentials | None = None  # as the kernel reported them at connect
 
 
 @dataclass
@@ -126,6 +137,7 @@ class _Subscriber:
     durable_name: str | None = None
     spill_dir: Path | None = None
     spill_full_seen: int = 0
+    peer: PeerCredentials | None = None  # as the kernel reported them at connect
 
 
 @dataclass
@@ -163,8 +175,14 @@ class _RouterCore:
         max_topics: int,
         last_value: bool,
         persistence: Persistence | None = None,
+        acl: Acl | None = None,
+        mode: int = 0o600,
     ) -> None:
         self.bus = bus
+        self.acl = acl
+        self.mode = mode
+        self.owner_uid = os.geteuid()
+        self.refused_topic_id: int | None = None  # the sink for topics the ACL refuses a publisher
         self.persistence = persistence or Persistence()
         self.wait_code = WAITS[wait]
         self.spin_ns = spin_ns
@@ -298,7 +316,8 @@ class _RouterCore:
         with contextlib.suppress(NotFound):
             Segment.unlink(name)
         pubs, subs, topics, size = _bus.bus_layout(self.max_publishers, self.max_subscribers, self.max_topics)
-        segment = Segment.create(name, size)
+        segment = Segment.create(name, size, self.mode)
+        set_mode(name, self.mode)
         m = segment.mapping
         put_u32(m, OFF_VERSION, _bus.BUS_VERSION)
         put_u32(m, OFF_STATE, _bus.STATE_RUNNING)
@@ -373,7 +392,8 @@ class _RouterCore:
             except (UnicodeDecodeError, ShmqError) as exc:
                 self._isolate(input_id, f"invalid topic {raw!r}: {exc}")
                 return
-            gid = self._topic_id(topic)
+            refusal = self._publish_refusal(input_id, topic)
+            gid = self._topic_id(topic) if refusal is None else self._refused_topic(input_id, topic, refusal)
             self.forwarder.map_topic(input_id, local_id, gid)
         elif event[0] == "corrupt":
             self._isolate(event[1], "a message or cursor failed its bounds check")
@@ -405,6 +425,10 @@ class _RouterCore:
     def _isolate(self, input_id: int, why: str) -> None:
         """Stop reading a damaged publisher ring; everyone else carries on."""
         log.error("bus %r: isolating publisher ring %d: %s", self.bus, input_id, why)
+        # (the forwarder marks a ring it finds damaged itself; one isolated here for what Python
+        # found, such as an invalid topic, must not be read again on the next pass)
+        with contextlib.suppress(ShmqError):
+            self.forwarder.isolate_input(input_id)
         publisher = self.publishers.get(input_id)
         if publisher is not None:
             publisher.corrupt = True
@@ -413,19 +437,47 @@ class _RouterCore:
                 with contextlib.suppress(OSError):
                     publisher.link.send({"op": "error", "error": "CorruptSegment", "message": why})
 
+    def _publish_refusal(self, input_id: int, topic: str) -> str | None:
+        """Why the ACL refuses this publisher `topic` (None: allowed).
+
+        Publishers check their rules themselves before a topic's first message (pubsub.py,
+        _prepare), so this is reached only by a client that skipped the check, or one that used
+        the topic under an earlier router with a laxer ACL."""
+        pub = self.publishers.get(input_id)
+        if self.acl is None or pub is None or pub.peer is None:
+            return None
+        decision = self.acl.check_publish(pub.peer, topic)
+        return None if decision.allowed else decision.reason
+
+    def _refused_topic(self, input_id: int, topic: str, reason: str) -> int:
+        """The sink topic: no route, no statistics, no log; its messages are read and dropped."""
+        log.warning("bus %r: publisher %d: %s; its messages on it are dropped", self.bus, input_id, reason)
+        pub = self.publishers.get(input_id)
+        if pub is not None and pub.link is not None:
+            with contextlib.suppress(OSError):
+                pub.link.send({"op": "error", "error": "PermissionDenied", "message": reason, "topic": topic})
+        if self.refused_topic_id is None:
+            gid = len(self.topic_names)
+            # NUL cannot occur in a topic, so the name cannot collide with a real one.
+            self.forwarder.add_topic(gid, -1, False, False, b"\0refused")
+            self.topic_names.append("")
+            self.refused_topic_id = gid
+        return self.refused_topic_id
+
     def _topic_id(self, topic: str) -> int:
         gid = self.topics.get(topic)
         if gid is not None:
             return gid
         gid = len(self.topic_names)
         stats = -1
-        if gid < self.max_topics:
-            stats = _bus.u64(self.segment.mapping, OFF_TOPICS) + gid * TOPIC_SLOT
+        stats_index = len(self.topics)  # not gid: the refused-topic sink has an id but no slot
+        if stats_index < self.max_topics:
+            stats = _bus.u64(self.segment.mapping, OFF_TOPICS) + stats_index * TOPIC_SLOT
             raw = topic.encode()
             self.segment.mapping[stats + 64 : stats + 64 + len(raw)] = raw
             put_u32(self.segment.mapping, stats + 4, len(raw))
             put_u32(self.segment.mapping, stats, SLOT_LIVE)
-            put_u32(self.segment.mapping, OFF_TOPICS_USED, gid + 1)
+            put_u32(self.segment.mapping, OFF_TOPICS_USED, stats_index + 1)
         else:
             untracked = _bus.u64(self.segment.mapping, OFF_TOPICS_UNTRACKED)
             put_u64(self.segment.mapping, OFF_TOPICS_UNTRACKED, untracked + 1)
@@ -527,10 +579,17 @@ class _RouterCore:
             return
         sock.setblocking(False)
         link = LineSocket(sock)
-        self.selector.register(sock, selectors.EVENT_READ, ["new", link, None])
+        # Read now, at connect: the kernel's word on who connected, whatever the hello will claim.
+        try:
+            peer = peer_credentials(sock)
+        except OSError as exc:
+            log.warning("bus %r: cannot read a client's credentials (%s); closing it", self.bus, exc)
+            link.close()
+            return
+        self.selector.register(sock, selectors.EVENT_READ, ["new", link, None, peer])
 
     def _on_readable(self, data: list[Any]) -> None:
-        kind, link, client = data
+        kind, link, client, peer = data
         messages = link.feed()
         if messages is None:  # EOF: the client closed, or its process died
             self._disconnect(link, client)
@@ -539,7 +598,7 @@ class _RouterCore:
             if kind != "new" or message.get("op") != "hello":
                 continue  # nothing else is expected from a client yet
             try:
-                client = self._hello(link, message)
+                client = self._hello(link, message, peer)
             except ShmqError as exc:
                 reply: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
                 for attr in ("topic", "expression"):
@@ -564,40 +623,82 @@ class _RouterCore:
         elif isinstance(client, _Subscriber):
             self._remove_subscriber(client)
 
-    def _hello(self, link: LineSocket, message: dict[str, Any]) -> _Publisher | _Subscriber:
+    def _hello(
+        self, link: LineSocket, message: dict[str, Any], peer: PeerCredentials
+    ) -> _Publisher | _Subscriber:
         if message.get("version") != _bus.PROTOCOL_VERSION:
             raise InvalidArgument(
                 f"client speaks protocol {message.get('version')!r}, this router {_bus.PROTOCOL_VERSION}: "
                 "use the same shmq version everywhere"
             )
+        self._admit(peer, message)
         role, ring_name = message.get("role"), message.get("ring")
         prefix = f"bus.{self.bus}.{'p' if role == 'publisher' else 's'}."
         if not isinstance(ring_name, str) or not ring_name.startswith(prefix):
             raise InvalidArgument(f"bad ring name {ring_name!r} for a {role}")
-        pid = int(message.get("pid", 0))
+        self._check_ring_owner(ring_name, peer)
         if role == "publisher":
-            return self._add_publisher(link, ring_name, pid, int(message.get("publisher_id", 0)))
+            if self.acl is not None and not self.acl.may(peer, "publish"):
+                raise PermissionDenied(
+                    f"{peer.describe()} may not publish on bus {self.bus!r}: no rule in {self.acl.source} "
+                    "allows it to publish anything; add an 'allow publish' rule for it"
+                )
+            return self._add_publisher(link, ring_name, peer.pid, int(message.get("publisher_id", 0)), peer)
         if role == "subscriber":
-            return self._add_subscriber(link, ring_name, pid, message)
+            return self._add_subscriber(link, ring_name, peer.pid, message, peer)
         raise InvalidArgument(f"unknown role {role!r}")
+
+    def _admit(self, peer: PeerCredentials, message: dict[str, Any]) -> None:
+        """Refuse a hello whose pid is not the kernel's, or from a user the default policy excludes."""
+        claimed = message.get("pid")
+        if claimed != peer.pid:
+            raise PermissionDenied(
+                f"the client says it is pid {claimed!r} but the kernel says pid {peer.pid}: a client "
+                "must connect from its own process (in the router's pid namespace: run the router "
+                "and its clients in the same container)"
+            )
+        if self.acl is None and not default_admits(peer, self.owner_uid):
+            raise PermissionDenied(
+                f"{peer.describe()} may not use bus {self.bus!r}: without an ACL only the router's user "
+                f"(uid {self.owner_uid}) and root may connect; start the router with --acl FILE "
+                "(Router(bus, acl=PATH)) granting this user, and a --mode that lets it open the segments"
+            )
+
+    @staticmethod
+    def _check_ring_owner(ring_name: str, peer: PeerCredentials) -> None:
+        """A client may only hand the router its own ring, never another user's."""
+        try:
+            owner = os.stat(segment_path(validate_name(ring_name))).st_uid
+        except FileNotFoundError:
+            return  # attach() reports the missing ring
+        if owner != peer.uid:
+            raise PermissionDenied(
+                f"ring {ring_name!r} belongs to uid {owner}, not to the connecting {peer.describe()}: "
+                "a client names the ring it created itself"
+            )
 
     def _new_id(self) -> int:
         self.next_id += 1
         return self.next_id - 1
 
-    def _add_publisher(self, link: LineSocket, ring_name: str, pid: int, publisher_id: int) -> _Publisher:
+    def _add_publisher(
+        self, link: LineSocket, ring_name: str, pid: int, publisher_id: int, peer: PeerCredentials
+    ) -> _Publisher:
         if not self.free_pub_slots:
             raise InvalidArgument(
                 f"bus {self.bus!r} has {self.max_publishers} publishers already; start the router "
                 "with a larger max_publishers"
             )
         segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
+        segment.register(_attach.ROLE_ROUTER)
         slot = self.free_pub_slots.pop()
-        pub = _Publisher(self._new_id(), slot, pid, ring_name, publisher_id, segment, link)
+        pub = _Publisher(self._new_id(), slot, pid, ring_name, publisher_id, segment, link, peer=peer)
         off = self._pub_slot_offset(slot)
         self.segment.mapping[off : off + PUBLISHER_SLOT] = bytes(PUBLISHER_SLOT)
         put_u32(self.segment.mapping, off + 4, pid)
         put_u32(self.segment.mapping, off + 8, publisher_id)
+        put_u32(self.segment.mapping, off + _bus.PS_UID, peer.uid)
+        put_u32(self.segment.mapping, off + _bus.PS_GID, peer.gid)
         raw = ring_name.encode()[:63]
         self.segment.mapping[off + 64 : off + 64 + len(raw)] = raw
         try:
@@ -608,26 +709,40 @@ class _RouterCore:
             raise
         put_u32(self.segment.mapping, off, SLOT_LIVE)
         self.publishers[pub.id] = pub
-        link.send(
-            {
-                "ok": True,
-                "bus_segment": self.segment.name,
-                "slot": slot,
-                "id": pub.id,
-                "durable": list(self.persistence.durable) if self.data_dir is not None else [],
-                "fsync": self.persistence.fsync,
-            }
+        reply: dict[str, Any] = {
+            "ok": True,
+            "bus_segment": self.segment.name,
+            "slot": slot,
+            "id": pub.id,
+            "durable": list(self.persistence.durable) if self.data_dir is not None else [],
+            "fsync": self.persistence.fsync,
+        }
+        if self.acl is not None:
+            # The rules that apply to this publisher, in order: it checks each new topic itself,
+            # before writing anything, so a refusal raises in publish() (see _publish_refusal).
+            reply["publish_rules"] = [
+                [rule.allows, rule.pattern, rule.describe(self.acl.source)]
+                for rule in self.acl.rules_for(peer, "publish")
+            ]
+            reply["acl_source"] = self.acl.source
+        link.send(reply)
+        log.info(
+            "bus %r: publisher %d (pid %d) attached %s as uid %d", self.bus, pub.id, pid, ring_name, peer.uid
         )
-        log.info("bus %r: publisher %d (pid %d) attached %s", self.bus, pub.id, pid, ring_name)
         return pub
 
     def _add_subscriber(
-        self, link: LineSocket, ring_name: str, pid: int, message: dict[str, Any]
+        self, link: LineSocket, ring_name: str, pid: int, message: dict[str, Any], peer: PeerCredentials
     ) -> _Subscriber:
         patterns = message.get("patterns")
         if not isinstance(patterns, list) or not patterns:
             raise InvalidArgument("a subscriber needs at least one pattern")
         patterns_t = tuple(validate_pattern(p) for p in patterns)
+        if self.acl is not None:
+            for pattern in patterns_t:
+                decision = self.acl.check_subscribe(peer, pattern)
+                if not decision.allowed:
+                    raise PermissionDenied(decision.reason)
         where = message.get("where")
         program = encode_filter(compile_filter(where)) if where is not None else None
         group = message.get("group")
@@ -675,6 +790,7 @@ class _RouterCore:
             if state is not None:
                 state.close()
             raise
+        segment.register(_attach.ROLE_ROUTER)
         if state is not None:
             if not state.fresh:
                 if state.ring == ring_name:
@@ -709,6 +825,7 @@ class _RouterCore:
             log_fed=log_fed,
             state=state,
             durable_name=durable_name,
+            peer=peer,
         )
         off = self._sub_slot_offset(slot)
         m = self.segment.mapping
@@ -716,6 +833,8 @@ class _RouterCore:
         put_u32(m, off + 4, pid)
         put_u32(m, off + 8, POLICIES[on_full])
         put_u32(m, off + 12, sub.id)
+        put_u32(m, off + _bus.SS_UID, peer.uid)
+        put_u32(m, off + _bus.SS_GID, peer.gid)
         put_u64(m, off + 88, capacity)
         description = _describe(sub)
         m[off + SUBSCRIBER_DESCRIPTION : off + SUBSCRIBER_DESCRIPTION + len(description)] = description
@@ -773,7 +892,13 @@ class _RouterCore:
             reply["durable_state"] = str(state.path)
         link.send(reply)
         log.info(
-            "bus %r: subscriber %d (pid %d) %s on %s", self.bus, sub.id, pid, ring_name, list(patterns_t)
+            "bus %r: subscriber %d (pid %d) %s on %s as uid %d",
+            self.bus,
+            sub.id,
+            pid,
+            ring_name,
+            list(patterns_t),
+            peer.uid,
         )
         return sub
 
@@ -1003,6 +1128,8 @@ def serve(
     retain_seconds: float | None = None,
     spill_dir: str | os.PathLike[str] | None = None,
     max_spill_bytes: int | None = None,
+    acl: str | os.PathLike[str] | None = None,
+    mode: int = 0o600,
     ready: Any = None,
     handle_signals: bool = True,
 ) -> None:
@@ -1017,8 +1144,16 @@ def serve(
     `retain_bytes` / `retain_seconds` remove whole old segments. Subscribers with
     ``on_full="spill"`` spill to files under `spill_dir` (default ``data_dir/spill``, else a
     temporary directory), each up to `max_spill_bytes` (default: half the free space there).
+
+    Security (shmq/acl.py): every client's uid, gid and pid come from the kernel (SO_PEERCRED).
+    Without `acl`, only this process's user and root may connect; `acl` is the path of an ACL
+    file (read now; a mistake raises InvalidArgument naming the line) that says who may publish
+    and subscribe to what. `mode` is the bus segment's permission bits (default 0o600: only its
+    owner can open it; clients of other users need e.g. 0o660 with a shared group, or 0o666).
     """
     validate_bus(bus)
+    validate_mode(mode)
+    access = None if acl is None else Acl.load(acl)
     options = _durable.persistence(
         data_dir,
         durable,
@@ -1063,6 +1198,8 @@ def serve(
             max_topics=max_topics,
             last_value=last_value,
             persistence=options,
+            acl=access,
+            mode=mode,
         )
         try:
             if stop_requested.is_set():
@@ -1131,7 +1268,9 @@ class Router:
     the bus); ``stop()`` ends it cleanly (SIGTERM; SIGKILL after `timeout`). Options are those of
     `serve`: ``wait`` ("adaptive" spins 50 µs then sleeps; "spin" for the lowest latency, burning
     a core), ``max_publishers``, ``max_subscribers``, ``max_topics``, ``last_value`` (keep each
-    topic's newest message for subscribers that ask for it).
+    topic's newest message for subscribers that ask for it), ``acl`` (the path of an ACL file:
+    who may publish and subscribe to what; without one only this user and root may connect) and
+    ``mode`` (the bus segment's permission bits, default 0o600); see shmq/acl.py.
     """
 
     _PERSISTENCE = (
@@ -1150,7 +1289,11 @@ class Router:
         self.bus = validate_bus(bus)
         # Checked here, so a bad option raises InvalidArgument in the caller, not in the child.
         _durable.persistence(**{k: v for k, v in options.items() if k in self._PERSISTENCE})
-        for key in ("data_dir", "spill_dir"):
+        if "mode" in options:
+            validate_mode(options["mode"])
+        if options.get("acl") is not None:
+            Acl.load(options["acl"])
+        for key in ("data_dir", "spill_dir", "acl"):
             if options.get(key) is not None:
                 options[key] = os.fspath(options[key])
         if isinstance(options.get("durable"), (list, tuple)):
@@ -1197,6 +1340,8 @@ class Router:
             raise AlreadyExists(message)
         if kind == "LogWriteError":
             raise LogWriteError(5, message)
+        if kind == "InvalidArgument":  # e.g. the ACL file was edited between __init__ and start()
+            raise InvalidArgument(message)
         if not line:
             raise RouterUnavailable(
                 f"the router for bus {self.bus!r} did not start within {timeout} s "

@@ -57,7 +57,8 @@ static PyObject *value_to_python(const shmq_value *v)
 {
     switch (v->type) {
     case SHMQ_V_STR:
-        return PyUnicode_DecodeUTF8((const char *)v->str, v->len, "strict");
+        /* surrogatepass: the encoder (_wire.encode_value) writes lone surrogates that way */
+        return PyUnicode_DecodeUTF8((const char *)v->str, v->len, "surrogatepass");
     case SHMQ_V_INT:
         return PyLong_FromLongLong(v->i);
     case SHMQ_V_FLOAT:
@@ -75,7 +76,7 @@ static PyObject *decode_headers(const uint8_t *h, uint32_t len)
     shmq_value v;
     int rc;
     while (d && (rc = shmq_headers_next(h, len, &pos, &key, &kl, &v)) == SHMQ_OK) {
-        PyObject *k = PyUnicode_DecodeUTF8((const char *)key, kl, "strict");
+        PyObject *k = PyUnicode_DecodeUTF8((const char *)key, kl, "surrogatepass"); /* as encoded */
         PyObject *val = k ? value_to_python(&v) : NULL;
         if (!val || PyDict_SetItem(d, k, val) < 0)
             Py_CLEAR(d);
@@ -1172,6 +1173,18 @@ static PyObject *Forwarder_remove_input(ForwarderObject *self, PyObject *arg)
     return fwd_result(self, rc, "input");
 }
 
+static PyObject *Forwarder_isolate_input(ForwarderObject *self, PyObject *arg)
+{
+    unsigned long id;
+    if (parse_id(arg, &id) < 0)
+        return NULL;
+    FWD_CHECK(self);
+    lock_forwarder(self);
+    int rc = shmq_fwd_isolate_input(self->f, (uint32_t)id);
+    unlock_forwarder(self);
+    return fwd_result(self, rc, "input");
+}
+
 static PyObject *Forwarder_input_depth(ForwarderObject *self, PyObject *arg)
 {
     unsigned long id;
@@ -1536,6 +1549,7 @@ static PyMethodDef Forwarder_methods[] = {
      "add_input(id, ring_buffer, stats_offset): read a publisher ring."},
     {"remove_input", (PyCFunction)Forwarder_remove_input, METH_O, "remove_input(id)"},
     {"input_depth", (PyCFunction)Forwarder_input_depth, METH_O, "input_depth(id) -> messages unread"},
+    {"isolate_input", (PyCFunction)Forwarder_isolate_input, METH_O, "isolate_input(id): stop reading it"},
     {"set_input_target", (PyCFunction)Forwarder_set_input_target, METH_VARARGS,
      "set_input_target(id, (program, [outputs], is_group, group_policy)): redeliver this input there."},
     {"add_output", (PyCFunction)Forwarder_add_output, METH_VARARGS,

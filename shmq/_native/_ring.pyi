@@ -37,6 +37,19 @@ OFF_HEAD_CLAIM: int
 OFF_HEAD_RELEASE: int
 OFF_DATA_WAITERS: int
 OFF_SPACE_WAITERS: int
+OFF_UNTRACKED: int
+OFF_ATTACH: int
+ATTACH_SLOT_SIZE: int
+ATTACH_SLOTS: int
+
+def attach_claim(buffer: Buffer, owner: int, role: int, now_ns: int, /) -> int:
+    """Claim a free attachment entry for `owner`: its index, or -1 if the table is full."""
+
+def attach_release(buffer: Buffer, index: int, owner: int, /) -> bool:
+    """Free entry `index` if it still belongs to `owner`."""
+
+def attach_untracked(buffer: Buffer, delta: int, /) -> int:
+    """Add `delta` to the count of handles attached without an entry; the new count."""
 
 def format_segment(
     buffer: Buffer, kind: int, capacity: int, creator_pid: int, created_ns: int, /
@@ -227,6 +240,7 @@ class Forwarder:
     def add_input(self, id: int, ring: Buffer, stats_offset: int, /) -> None: ...
     def remove_input(self, id: int, /) -> None: ...
     def input_depth(self, id: int, /) -> int: ...
+    def isolate_input(self, id: int, /) -> None: ...
     def set_input_target(self, id: int, target: Target, /) -> None: ...
     def add_output(self, id: int, ring: Buffer, policy: int, stats_offset: int, /) -> None: ...
     def remove_output(self, id: int, /) -> None: ...

@@ -1355,6 +1355,67 @@ static PyObject *mod_format_segment(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The attachment table lives in the header of a ring segment (any size >= HEADER_SIZE). */
+static int header_view(PyObject *buffer, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (view->len < (Py_ssize_t)SHMQ_HEADER_SIZE) {
+        PyBuffer_Release(view);
+        PyErr_SetString(error_class(E_INVALID_ARGUMENT), "not a ring segment: shorter than its header");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *mod_attach_claim(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *buffer;
+    unsigned long long owner, now;
+    unsigned int role;
+    if (!PyArg_ParseTuple(args, "OKIK:attach_claim", &buffer, &owner, &role, &now))
+        return NULL;
+    if (owner == 0) {
+        PyErr_SetString(error_class(E_INVALID_ARGUMENT), "owner must not be 0");
+        return NULL;
+    }
+    Py_buffer view;
+    if (header_view(buffer, &view) < 0)
+        return NULL;
+    int index = shmq_attach_claim(view.buf, owner, role, now);
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(index);
+}
+
+static PyObject *mod_attach_release(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *buffer;
+    int index;
+    unsigned long long owner;
+    if (!PyArg_ParseTuple(args, "OiK:attach_release", &buffer, &index, &owner))
+        return NULL;
+    Py_buffer view;
+    if (header_view(buffer, &view) < 0)
+        return NULL;
+    int done = shmq_attach_release(view.buf, index, owner);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(done);
+}
+
+static PyObject *mod_attach_untracked(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *buffer;
+    int delta;
+    if (!PyArg_ParseTuple(args, "Oi:attach_untracked", &buffer, &delta))
+        return NULL;
+    Py_buffer view;
+    if (header_view(buffer, &view) < 0)
+        return NULL;
+    uint64_t now = shmq_attach_untracked(view.buf, delta);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(now);
+}
+
 static PyObject *mod_frame_size(PyObject *Py_UNUSED(m), PyObject *arg)
 {
     unsigned long long n = PyLong_AsUnsignedLongLong(arg);
@@ -1390,6 +1451,12 @@ static PyMethodDef module_methods[] = {
     {"format_segment", mod_format_segment, METH_VARARGS,
      "format_segment(buffer, kind, capacity, creator_pid, created_ns): write a fresh header."},
     {"frame_size", mod_frame_size, METH_O, "Bytes a payload of n bytes occupies in the ring."},
+    {"attach_claim", mod_attach_claim, METH_VARARGS,
+     "attach_claim(buffer, owner, role, now_ns): an attachment entry's index, or -1 if the table is full."},
+    {"attach_release", mod_attach_release, METH_VARARGS,
+     "attach_release(buffer, index, owner): free the entry if it is still owner's."},
+    {"attach_untracked", mod_attach_untracked, METH_VARARGS,
+     "attach_untracked(buffer, delta): add delta to the untracked-handles count; returns the new count."},
     {"set_error_classes", mod_set_error_classes, METH_O, "Install shmq's exception classes."},
     {"monotonic_ns", mod_monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns (same as time.monotonic_ns)."},
     PUBSUB_METHODS
@@ -1428,6 +1495,8 @@ PyMODINIT_FUNC PyInit__ring(void)
         {"OFF_TAIL_CLAIM", SHMQ_OFF_TAIL_CLAIM}, {"OFF_TAIL_COMMIT", SHMQ_OFF_TAIL_COMMIT},
         {"OFF_HEAD_CLAIM", SHMQ_OFF_HEAD_CLAIM}, {"OFF_HEAD_RELEASE", SHMQ_OFF_HEAD_RELEASE},
         {"OFF_DATA_WAITERS", SHMQ_OFF_DATA_WAITERS}, {"OFF_SPACE_WAITERS", SHMQ_OFF_SPACE_WAITERS},
+        {"OFF_UNTRACKED", SHMQ_OFF_UNTRACKED}, {"OFF_ATTACH", SHMQ_OFF_ATTACH},
+        {"ATTACH_SLOT_SIZE", SHMQ_ATTACH_SLOT_SIZE}, {"ATTACH_SLOTS", SHMQ_ATTACH_SLOTS},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)
         if (PyModule_AddIntConstant(m, constants[i].name, (long)constants[i].value) < 0)

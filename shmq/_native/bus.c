@@ -1549,6 +1549,15 @@ int shmq_fwd_remove_input(shmq_forwarder *f, uint32_t id)
     return SHMQ_BAD_ARGUMENT;
 }
 
+int shmq_fwd_isolate_input(shmq_forwarder *f, uint32_t id)
+{
+    fwd_input *in = find_input(f, id);
+    if (!in)
+        return SHMQ_BAD_ARGUMENT;
+    in->corrupt = 1;
+    return SHMQ_OK;
+}
+
 int64_t shmq_fwd_input_depth(shmq_forwarder *f, uint32_t id)
 {
     fwd_input *in = find_input(f, id);
@@ -1571,6 +1580,16 @@ static int deliver(shmq_forwarder *f, fwd_input *in, const uint8_t *frame, uint3
         return rc;
     }
     uint32_t g1 = m->topic_id < in->nlocal ? in->local[m->topic_id] : 0;
+    if (!g1 && m->topic_id >= (1u << 24)) {
+        /* A publisher numbers its topics 0, 1, 2 ... in order of first use: a number this high
+         * is damage. Mapping it would size the input's table by it (gigabytes, or a u32
+         * overflow in grow() that loops forever; UINT32_MAX made map_topic fail and stopped
+         * the router): isolate the ring instead. */
+        in->corrupt = 1;
+        ev->event = SHMQ_EV_CORRUPT;
+        ev->input_id = in->id;
+        return -1;
+    }
     if (!g1) {
         ev->event = SHMQ_EV_UNKNOWN_TOPIC;
         ev->input_id = in->id;

@@ -222,6 +222,8 @@ int shmq_fwd_add_input(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t s
  * `target` instead of through the topic table. Takes ownership of target. */
 int shmq_fwd_set_input_target(shmq_forwarder *f, uint32_t id, fwd_target *target);
 int shmq_fwd_remove_input(shmq_forwarder *f, uint32_t id);
+/* Stops reading input `id` (a damaged ring): what it holds stays unread. */
+int shmq_fwd_isolate_input(shmq_forwarder *f, uint32_t id);
 /* Messages still unread in input `id` (-1 if there is no such input). */
 int64_t shmq_fwd_input_depth(shmq_forwarder *f, uint32_t id);
 int shmq_fwd_add_output(shmq_forwarder *f, uint32_t id, uint8_t *base, uint64_t size, int policy,

@@ -144,6 +144,51 @@ int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
 }
 
 /* ------------------------------------------------------------------ */
+/* The attachment table                                                */
+/* ------------------------------------------------------------------ */
+
+static inline _Atomic uint64_t *attach_owner(uint8_t *base, int i)
+{
+    return U64_AT(base, SHMQ_OFF_ATTACH + i * SHMQ_ATTACH_SLOT_SIZE);
+}
+
+int shmq_attach_claim(uint8_t *base, uint64_t owner, uint32_t role, uint64_t now_ns)
+{
+    for (int i = 0; i < SHMQ_ATTACH_SLOTS; i++) {
+        uint64_t expected = 0;
+        /* The CAS alone decides who gets an entry: two attachers never share one. Relaxed
+         * stores of the details after it: readers (ls, gc) only count and name owners, and
+         * an entry seen with its owner but not yet its role reads as "attaching". */
+        if (atomic_load_explicit(attach_owner(base, i), RELAXED) == 0 &&
+            atomic_compare_exchange_strong_explicit(attach_owner(base, i), &expected, owner, SEQ_CST,
+                                                    RELAXED)) {
+            uint8_t *e = base + SHMQ_OFF_ATTACH + i * SHMQ_ATTACH_SLOT_SIZE;
+            atomic_store_explicit(U32_AT(e, 8), role, RELAXED);
+            atomic_store_explicit(U64_AT(e, 16), now_ns, RELAXED);
+            return i;
+        }
+    }
+    return -1;
+}
+
+int shmq_attach_release(uint8_t *base, int index, uint64_t owner)
+{
+    if (index < 0 || index >= SHMQ_ATTACH_SLOTS || owner == 0)
+        return 0;
+    /* A CAS on the whole identity (pid and start time): freeing a dead owner's entry cannot
+     * free one that a new process with the same pid took meanwhile. */
+    uint64_t expected = owner;
+    return atomic_compare_exchange_strong_explicit(attach_owner(base, index), &expected, 0, SEQ_CST, RELAXED);
+}
+
+uint64_t shmq_attach_untracked(uint8_t *base, int delta)
+{
+    /* An atomic add: untracked handles come and go in many processes at once. */
+    return atomic_fetch_add_explicit(U64_AT(base, SHMQ_OFF_UNTRACKED), (uint64_t)(int64_t)delta, RELAXED) +
+           (uint64_t)(int64_t)delta;
+}
+
+/* ------------------------------------------------------------------ */
 /* Frames                                                              */
 /* ------------------------------------------------------------------ */
 
@@ -594,7 +639,8 @@ static void advance_release(shmq_ring *r)
     uint64_t p = atomic_load_explicit(r->head_release, SEQ_CST);
     for (;;) {
         uint64_t claimed = atomic_load_explicit(r->head_claim, ACQUIRE);
-        if (p >= claimed)
+        /* (more than a lap between them is damage: walking it would take forever) */
+        if (p >= claimed || claimed - p > r->capacity)
             return;
         /* SYNC: seq_cst load pairs with the seq_cst DONE store in
          * shmq_release() (acquire half: that reader's payload reads happen

@@ -29,7 +29,10 @@
  *   1152  16 deferred-commit slots of 64 bytes:
  *         u32 state (0 free, 1 writing, 2 ready, 3 taken), u32 zero,
  *         u64 start, u64 end, u64 count, u64 bytes
- *   2176..4095              reserved (zero) for the attachment table
+ *   2176  u64 untracked       handles attached without a table entry (it was full)
+ *   2240  58 attachment entries of 32 bytes (who uses the ring: shmq ls, shmq gc):
+ *         u64 owner (0 free; pid | process start time in clock ticks << 22),
+ *         u32 role (1 creator, 2 user, 3 router), u32 zero, u64 attached_ns, u64 zero
  *   4096  data[capacity]
  *
  * Each hot word starts its own 128-byte block (two cache lines, so the
@@ -86,6 +89,10 @@
 #define SHMQ_OFF_DEFERRED 1152
 #define SHMQ_DEFERRED_SLOTS 16
 #define SHMQ_DEFERRED_SLOT_SIZE 64
+#define SHMQ_OFF_UNTRACKED 2176
+#define SHMQ_OFF_ATTACH 2240
+#define SHMQ_ATTACH_SLOT_SIZE 32
+#define SHMQ_ATTACH_SLOTS 58
 
 enum shmq_kind { SHMQ_SPSC = 1, SHMQ_MPSC = 2, SHMQ_MPMC = 3 };
 
@@ -165,6 +172,14 @@ static inline uint64_t shmq_frame_size(uint64_t length)
 int shmq_format(uint8_t *base, uint64_t size, uint32_t kind, uint64_t capacity,
                 uint64_t creator_pid, uint64_t created_ns);
 int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size);
+/* The attachment table. `owner` identifies a process for good (a pid alone is reused).
+ * Claim returns the entry index, or -1 when the table is full (the caller frees entries of
+ * dead owners with shmq_attach_release and tries again, or counts itself untracked). */
+int shmq_attach_claim(uint8_t *base, uint64_t owner, uint32_t role, uint64_t now_ns);
+/* Frees entry `index` if it still belongs to `owner`: 1 freed, 0 not (someone else's now). */
+int shmq_attach_release(uint8_t *base, int index, uint64_t owner);
+/* Adds `delta` to the count of handles attached without an entry; returns the new count. */
+uint64_t shmq_attach_untracked(uint8_t *base, int delta);
 
 /* Producer side. lengths must each be <= max_message (checked by the caller
  * with shmq_check_length before anything is written). */
