@@ -608,7 +608,9 @@ class _RouterCore:
                     link.send(reply)
                 self._disconnect(link, None)
                 return
-            data[0], data[2] = "client", client
+            # (the rest of this read is a client's too: a second hello is not a new client)
+            kind = data[0] = "client"
+            data[2] = client
 
     def _disconnect(self, link: LineSocket, client: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):

@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -336,6 +337,36 @@ def test_groups_come_from_the_kernel(bus: str, tmp_path: Path) -> None:
                 (os.getpid(), os.geteuid(), os.getegid())
             ]
     finally:
+        stop(router)
+
+
+def test_a_second_hello_in_the_same_read_is_not_a_second_client(bus: str) -> None:
+    """The router read the connection's kind once per read, so two hellos arriving together
+    made two publishers reading one ring."""
+    router = started(bus)
+    ring = shmq.Queue(f"bus.{bus}.p.{os.getpid()}.99", create=True, kind="spsc", capacity=4096)
+    try:
+        link = _bus.connect(bus, WAIT_S)
+        try:
+            hello = {
+                "op": "hello",
+                "version": _bus.PROTOCOL_VERSION,
+                "role": "publisher",
+                "ring": ring.name,
+                "pid": os.getpid(),
+                "publisher_id": 7,
+            }
+            line = json.dumps(hello).encode() + b"\n"
+            link.sock.sendall(line + line)
+            reply = link.receive()
+            assert reply is not None and reply["ok"] is True, reply
+            time.sleep(0.2)  # (room for a second reply or a second publisher, which must not come)
+            assert len(shmq.bus_stats(bus).publishers) == 1
+        finally:
+            link.close()
+    finally:
+        ring.close()
+        ring.unlink()
         stop(router)
 
 
