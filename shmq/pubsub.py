@@ -31,6 +31,7 @@ from shmq import _bus, _durable
 from shmq._async import RingWaiter
 from shmq._bus import POLICIES, PublisherStats, SubscriberStats, validate_bus
 from shmq._errors import (
+    AlreadyExists,
     ArgumentTypeError,
     Closed,
     Empty,
@@ -58,6 +59,8 @@ from shmq._native._ring import Message
 log = logging.getLogger("shmq.pubsub")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# Refusals whose class takes just a message (a fresh one per raise, each with its own traceback).
+_SIMPLE_REFUSALS = (PermissionDenied, InvalidArgument, AlreadyExists, NotFound, ShmqError)
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.01, 0.1
 
 
@@ -72,6 +75,7 @@ class _Link:
         self.connected = threading.Event()
         self.closed = threading.Event()
         self.generation = 0  # connections made so far
+        self.refusal: ShmqError | None = None  # why the last router refused us on reconnect
         self._sock: _bus.LineSocket | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -146,11 +150,14 @@ class _Link:
             while not self.closed.is_set():
                 try:
                     self._handshake(timeout=5.0)
+                    self.refusal = None
                     log.info("bus %r: reconnected", self.bus)
                     break
                 except Closed:
                     return
                 except ShmqError as exc:
+                    # Kept for the calls that wait for a router: they say this, not "no router".
+                    self.refusal = exc
                     log.warning("bus %r: the router refused us on reconnect: %s", self.bus, exc)
                 except (OSError, ConnectionError):
                     pass
@@ -164,6 +171,8 @@ class _Link:
         if deadline_ns == 0:
             return False
         while not self.closed.is_set():
+            if self.refusal is not None:
+                return False  # a router is there and said no: the caller says why, at once
             left = None if deadline_ns < 0 else (deadline_ns - time.monotonic_ns()) / 1e9
             if left is not None and left <= 0:
                 return self.connected.is_set()
@@ -329,6 +338,7 @@ class Publisher(_ring.PublisherCore, _Client):
         validate_topic(topic)
         if not self.connected and not self._link.wait_connected(deadline_ns):
             self._check_open()
+            self._raise_refusal()
             raise RouterUnavailable(
                 f"no router is serving bus {self._bus!r} (waited for it to come back); start one with "
                 f"`shmq router {self._bus}`; nothing was published"
@@ -354,8 +364,15 @@ class Publisher(_ring.PublisherCore, _Client):
                 f"publishing on {topic!r} is denied by {rule} (bus {self._bus!r}); nothing was published"
             )
 
+    def _raise_refusal(self) -> None:
+        """Raise what the router said when it refused us on reconnect, if it did."""
+        refusal = self._link.refusal
+        if refusal is not None:
+            raise type(refusal)(*refusal.args) if type(refusal) in _SIMPLE_REFUSALS else refusal
+
     def _timed_out(self, nbytes: int) -> None:
         if not self.connected:
+            self._raise_refusal()
             raise RouterUnavailable(
                 f"no router is serving bus {self._bus!r} and this publisher's ring is full; start one "
                 f"with `shmq router {self._bus}`; nothing was published"

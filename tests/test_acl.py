@@ -370,6 +370,23 @@ def test_a_second_hello_in_the_same_read_is_not_a_second_client(bus: str) -> Non
         stop(router)
 
 
+def test_a_publisher_refused_by_the_next_router_says_why(bus: str, tmp_path: Path) -> None:
+    """A router restarted with an ACL that refuses a connected publisher: its next publish used
+    to wait for a router and raise RouterUnavailable ("no router is serving bus"); it says what
+    the router said instead."""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    first = started(bus, acl=write_acl(tmp_path, f"allow any user:{user} >\n"))
+    with shmq.Publisher(bus) as pub:
+        pub.publish("a.b", b"one", timeout=WAIT_S)
+        stop(first)
+        second = started(bus, acl=write_acl(tmp_path, f"allow subscribe user:{user} >\n"))
+        try:
+            with pytest.raises(shmq.PermissionDenied, match="publish"):
+                pub.publish("a.c", b"two", timeout=WAIT_S)
+        finally:
+            second.stop()  # (not stop(): settling waits for a publisher that is never let in)
+
+
 def test_a_hello_claiming_another_pid_is_refused(bus: str) -> None:
     router = started(bus)
     try:
