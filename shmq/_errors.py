@@ -58,7 +58,9 @@ class ArgumentTypeError(ShmqError, TypeError):
 
 
 class MessageDecodeError(ShmqError, ValueError):
-    """get_obj() took a message that put_obj() did not write; the message is consumed."""
+    """A message could not be decoded: get_obj() took one that put_obj() did not write, or a
+    message's headers hold text that is not UTF-8 (a damaged or hostile publisher). The message
+    is consumed."""
 
 
 class InvalidTopic(ShmqError, ValueError):
@@ -134,4 +136,5 @@ def native_error_classes() -> dict[str, type[BaseException]]:
         "MessageTypeError": MessageTypeError,
         "InvalidArgument": InvalidArgument,
         "ArgumentTypeError": ArgumentTypeError,
+        "MessageDecodeError": MessageDecodeError,
     }

@@ -420,7 +420,7 @@ def message_frames(draw: Any, topic_ids: Any = None, topics: Any = None) -> byte
 def is_message(msg: Any, frame: bytes, routed: bool = False) -> bool:
     """Whether a decoded message has every field the frame's bytes say (a router rewrites
     topic_id, flags and log_seq in its copy); its headers decode to a dict or, for text that is
-    not UTF-8, raise UnicodeDecodeError."""
+    not UTF-8, raise MessageDecodeError."""
     if len(frame) < MSG.size:
         return False
     _, topic_len, headers_len, publisher_id, _, seq, ts, log_seq = MSG.unpack_from(frame)
@@ -432,7 +432,7 @@ def is_message(msg: Any, frame: bytes, routed: bool = False) -> bool:
         or (not routed and msg.log_seq != (log_seq or None))
     ):
         return False
-    with contextlib.suppress(UnicodeDecodeError):  # (see the module's notes on header text)
+    with contextlib.suppress(shmq.MessageDecodeError):  # (header text that is not UTF-8)
         assert isinstance(msg.headers, dict)
     return True
 
@@ -442,7 +442,7 @@ def is_message(msg: Any, frame: bytes, routed: bool = False) -> bool:
 def test_subscriber_decodes_raw_frames_or_says_corrupt(frames: list[bytes]) -> None:
     """shmq_msg_parse + shmq_headers_check + the header decoder, as a subscriber runs them on what
     its ring holds: each frame is a message with the fields its bytes say, or CorruptSegment (or
-    UnicodeDecodeError for a topic that is not UTF-8), and a bad frame does not stop the next."""
+    for a topic that is not UTF-8, too), and a bad frame does not stop the next."""
     with new_queue("spsc", 1 << 16) as q:
         core = _ring.SubscriberCore(q)
         for frame in frames:
@@ -450,7 +450,7 @@ def test_subscriber_decodes_raw_frames_or_says_corrupt(frames: list[bytes]) -> N
         for frame in frames:
             try:
                 msg = core.recv(timeout=0)
-            except (shmq.CorruptSegment, UnicodeDecodeError):
+            except shmq.CorruptSegment:
                 continue
             assert is_message(msg, frame)
         with pytest.raises(shmq.Empty):
@@ -460,11 +460,11 @@ def test_subscriber_decodes_raw_frames_or_says_corrupt(frames: list[bytes]) -> N
 @given(raw=st.one_of(st.binary(max_size=200), header_blobs()))
 @fuzz(400)
 def test_header_decoder_on_random_bytes(raw: bytes) -> None:
-    """The header decoder raises CorruptSegment for bad structure and UnicodeDecodeError for text
+    """The header decoder raises CorruptSegment for bad structure and MessageDecodeError for text
     that is not UTF-8, and nothing else; what it accepts, the router's check accepts too."""
     try:
         decoded = _ring.decode_headers(raw)
-    except (shmq.CorruptSegment, UnicodeDecodeError):
+    except (shmq.CorruptSegment, shmq.MessageDecodeError):
         return
     assert isinstance(decoded, dict)
     assert _ring.filter_eval(encode_filter(compile_filter("a == 1 or not a == 1")), raw) is True

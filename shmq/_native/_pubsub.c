@@ -68,6 +68,28 @@ static PyObject *value_to_python(const shmq_value *v)
     }
 }
 
+/* Text from the wire that is not UTF-8 comes from damage or a hostile publisher, not from a bug in
+ * the caller: raise it as a shmq error (class `cls`), keeping the codec's complaint as the cause. */
+static void wire_text_error(int cls, const char *what)
+{
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+        return;
+    PyObject *type, *cause, *tb;
+    PyErr_Fetch(&type, &cause, &tb);
+    PyErr_NormalizeException(&type, &cause, &tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyErr_Format(error_class(cls), "%s is not UTF-8 text: %S", what, cause);
+    PyObject *t, *v, *vtb;
+    PyErr_Fetch(&t, &v, &vtb);
+    PyErr_NormalizeException(&t, &v, &vtb);
+    if (v && cause)
+        PyException_SetCause(v, cause); /* (steals cause) */
+    else
+        Py_XDECREF(cause);
+    PyErr_Restore(t, v, vtb);
+}
+
 static PyObject *decode_headers(const uint8_t *h, uint32_t len)
 {
     PyObject *d = PyDict_New();
@@ -88,6 +110,8 @@ static PyObject *decode_headers(const uint8_t *h, uint32_t len)
         PyErr_SetString(error_class(E_CORRUPT), "message headers are damaged");
         return NULL;
     }
+    if (!d)
+        wire_text_error(E_MESSAGE_DECODE, "a message header");
     return d;
 }
 
@@ -877,8 +901,11 @@ static PyObject *topic_str(SubscriberCoreObject *self, const shmq_msg *m)
     if (c->str && c->id == m->topic_id && c->len == m->topic_len && memcmp(c->bytes, m->topic, c->len) == 0)
         return c->str;
     PyObject *s = PyUnicode_DecodeUTF8((const char *)m->topic, m->topic_len, "strict");
-    if (!s)
+    if (!s) {
+        /* (the router lets only valid topics through: the ring is damaged) */
+        wire_text_error(E_CORRUPT, "a message's topic");
         return NULL;
+    }
     Py_XSETREF(c->str, s);
     c->id = m->topic_id;
     c->len = m->topic_len;

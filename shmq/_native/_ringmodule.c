@@ -35,11 +35,11 @@
 
 enum error_class {
     E_BASE, E_FULL, E_EMPTY, E_TOO_LARGE, E_CORRUPT, E_INCOMPATIBLE, E_CLOSED,
-    E_MESSAGE_TYPE, E_INVALID_ARGUMENT, E_ARGUMENT_TYPE, E_COUNT
+    E_MESSAGE_TYPE, E_INVALID_ARGUMENT, E_ARGUMENT_TYPE, E_MESSAGE_DECODE, E_COUNT
 };
 static const char *error_class_names[E_COUNT] = {
     "ShmqError", "Full", "Empty", "MessageTooLarge", "CorruptSegment", "IncompatibleSegment",
-    "Closed", "MessageTypeError", "InvalidArgument", "ArgumentTypeError",
+    "Closed", "MessageTypeError", "InvalidArgument", "ArgumentTypeError", "MessageDecodeError",
 };
 static PyObject *error_classes[E_COUNT];
 
