@@ -22,7 +22,7 @@ from shmq._async import RingWaiter
 from shmq._attach import ROLE_CREATOR, ROLE_USER
 from shmq._errors import Empty, Full, IncompatibleSegment, InvalidArgument, MessageDecodeError, NotFound
 from shmq._native import _ring
-from shmq._segment import Segment, validate_name
+from shmq._segment import Segment, set_mode, validate_mode, validate_name
 
 log = logging.getLogger("shmq.queue")
 
@@ -83,7 +83,9 @@ class Queue(_ring.Ring):
     are any C-contiguous buffers, delivered whole and in order (per producer for
     ``mpsc``/``mpmc``). ``wait`` chooses how a blocked call waits: ``"spin"``
     (lowest latency, burns a core), ``"yield"``, ``"block"`` (futex sleep) or
-    ``"adaptive"`` (spin ~50 µs, then sleep; the default).
+    ``"adaptive"`` (spin ~50 µs, then sleep; the default). ``mode`` sets a created segment's
+    permission bits (0o600, the default, lets only this user in; 0o660 with a shared group lets
+    that group's processes attach too).
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class Queue(_ring.Ring):
         capacity: int | None = None,
         kind: Kind | None = None,
         wait: Wait = "adaptive",
+        mode: int = 0o600,
     ) -> None:
         validate_name(name)
+        validate_mode(mode)
         if not isinstance(wait, str) or wait not in WAITS:
             raise InvalidArgument(f"wait must be one of {', '.join(WAITS)}, got {wait!r}")
         if kind is not None and (not isinstance(kind, str) or kind not in KINDS):
@@ -109,7 +113,8 @@ class Queue(_ring.Ring):
         self._write_waiter: RingWaiter | None = None
         if create:
             cap = DEFAULT_CAPACITY if capacity is None else capacity
-            segment, replaced = Segment.create_or_replace(name, _ring.HEADER_SIZE + cap)
+            segment, replaced = Segment.create_or_replace(name, _ring.HEADER_SIZE + cap, mode)
+            set_mode(name, mode)  # (exactly: the umask may have narrowed it)
             if replaced:
                 log.warning("queue %r: replaced the segment left behind under its name: %s", name, replaced)
             try:

@@ -18,7 +18,7 @@ import pytest
 import shmq
 from shmq import _attach
 from shmq._native import _ring
-from shmq._segment import abandoned, read_info
+from shmq._segment import abandoned, read_info, segment_path
 from shmq.testing import list_segments, remove_segment, unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,3 +254,18 @@ def test_gc_removes_a_client_ring_left_when_router_and_client_both_died(holders:
         router.stop()
         for n in list_segments(f"bus.{bus}"):
             remove_segment(n)
+
+
+def test_mode_lets_other_users_in_deliberately_and_only_then(name: str) -> None:
+    with shmq.Queue(name, create=True, capacity=4096) as q:
+        assert os.stat(segment_path(name)).st_mode & 0o777 == 0o600
+    old = os.umask(0o077)  # (a umask must not narrow what the caller asked for)
+    try:
+        with shmq.Queue(name, create=True, capacity=4096, mode=0o660) as q:
+            assert os.stat(segment_path(name)).st_mode & 0o777 == 0o660
+            q.put(b"x", timeout=1)
+    finally:
+        os.umask(old)
+    for bad in (0o400, 0o777, -1, "0660"):
+        with pytest.raises(shmq.InvalidArgument):
+            shmq.Queue(name, create=True, capacity=4096, mode=bad)  # type: ignore[arg-type]
