@@ -297,6 +297,7 @@ class Publisher(_ring.PublisherCore, _Client):
         self._slot = -1
         # (allows, pattern, which rule) for this user from the router's ACL; None: no ACL
         self._publish_rules: list[tuple[bool, str, str]] | None = None
+        self._forgotten: dict[str, int] = {}  # topics a router's ACL refused: their last seq
         self._acl_source = ""
         ring = Queue(_bus.client_ring_name(bus, "p"), create=True, kind="mpsc", capacity=capacity, wait=wait)
         self._publisher_id = _random_id()
@@ -344,7 +345,8 @@ class Publisher(_ring.PublisherCore, _Client):
                 f"`shmq router {self._bus}`; nothing was published"
             )
         self._check_permission(topic)
-        self._add_topic(topic, 0)
+        # (a topic forgotten under a stricter router goes on from its last seq: seqs only grow)
+        self._add_topic(topic, self._forgotten.pop(topic, 0))
 
     def _check_permission(self, topic: str) -> None:
         """Raise PermissionDenied if the router's ACL refuses us `topic` (first matching rule)."""
@@ -394,6 +396,15 @@ class Publisher(_ring.PublisherCore, _Client):
             if rules is None
             else [(bool(allow), str(pattern), str(rule)) for allow, pattern, rule in rules]
         )
+        if self._publish_rules is not None:
+            # Topics used under an earlier router are known to the native publish, which then
+            # does not ask _prepare again: forget the ones this router's rules refuse, so that
+            # publishing on them raises PermissionDenied instead of being dropped by the router.
+            for topic, seq in self._last_seqs().items():
+                found = first_match(self._publish_rules, topic)
+                if found is None or not found[0]:
+                    self._forgotten[topic] = seq
+                    self._forget_topic(topic)
         segment = self._map_bus(reply)
         self._set_bus(segment.mapping)
         durable = tuple(reply.get("durable", ()))
@@ -530,7 +541,7 @@ class Publisher(_ring.PublisherCore, _Client):
 
     def last_seqs(self) -> dict[str, int]:
         """The last sequence number published on each topic."""
-        return dict(self._last_seqs())
+        return {**self._forgotten, **self._last_seqs()}
 
 
 def _pid() -> int:

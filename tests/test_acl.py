@@ -34,6 +34,7 @@ from shmq.acl import Acl, PeerCredentials, default_admits, pattern_covers, patte
 from shmq.testing import unique_name
 from shmq.topics import matches
 from tests import _pubsub_workers as pw
+from tests._workers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -385,6 +386,31 @@ def test_a_publisher_refused_by_the_next_router_says_why(bus: str, tmp_path: Pat
                 pub.publish("a.c", b"two", timeout=WAIT_S)
         finally:
             second.stop()  # (not stop(): settling waits for a publisher that is never let in)
+
+
+def test_a_topic_used_under_a_laxer_router_is_checked_again(bus: str, tmp_path: Path) -> None:
+    """A topic the publisher used before a router restart went straight to the new router,
+    which refused it and dropped the messages while publish() returned as if all was well."""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    first = started(bus, acl=write_acl(tmp_path, f"allow any user:{user} >\n"))
+    with shmq.Subscriber(bus, "ok.>") as sub, shmq.Publisher(bus) as pub:
+        pub.publish("secret.x", b"1", timeout=WAIT_S)
+        pub.publish("ok.x", b"1", timeout=WAIT_S)
+        assert sub.recv(timeout=WAIT_S).data == b"1"
+        stop(first)
+        strict = f"deny publish user:{user} secret.>\nallow any user:{user} >\n"
+        second = started(bus, acl=write_acl(tmp_path, strict))
+        try:
+            # Reconnected first (a publish while disconnected asks _prepare anyway).
+            assert wait_until(lambda: pub._link.generation == 2 and pub.connected, WAIT_S)  # type: ignore[attr-defined]
+            with pytest.raises(shmq.PermissionDenied, match="secret"):
+                pub.publish("secret.x", b"2", timeout=WAIT_S)
+            pub.publish("ok.x", b"2", timeout=WAIT_S)
+            got = sub.recv(timeout=WAIT_S)
+            assert (got.topic, got.data, got.seq) == ("ok.x", b"2", 2)
+            assert pub.last_seqs() == {"secret.x": 1, "ok.x": 2}
+        finally:
+            stop(second)
 
 
 def test_a_hello_claiming_another_pid_is_refused(bus: str) -> None:

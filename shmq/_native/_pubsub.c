@@ -526,6 +526,18 @@ static PyObject *PublisherCore_wait_durable(PublisherCoreObject *self, PyObject 
     return PyBool_FromLong(ok);
 }
 
+/* Drops a topic's number, so that the next publish on it asks the Python half again (_prepare):
+ * for a topic a new router's ACL refuses. Its slot stays (numbers are never reused). */
+static PyObject *PublisherCore_forget_topic(PublisherCoreObject *self, PyObject *topic)
+{
+    if (PyDict_DelItem(self->topic_ids, topic) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return NULL;
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *PublisherCore_get_connected(PublisherCoreObject *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->have_bus);
@@ -819,6 +831,7 @@ static PyMethodDef PublisherCore_methods[] = {
     {"_last_end", (PyCFunction)PublisherCore_last_end, METH_NOARGS, NULL},
     {"_wait_durable", (PyCFunction)PublisherCore_wait_durable, METH_VARARGS, NULL},
     {"_last_seqs", (PyCFunction)PublisherCore_last_seqs, METH_NOARGS, NULL},
+    {"_forget_topic", (PyCFunction)PublisherCore_forget_topic, METH_O, NULL},
     {NULL},
 };
 
