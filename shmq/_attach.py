@@ -119,11 +119,14 @@ class Registration:
 
     def _claim(self) -> None:
         pid = os.getpid()
-        owner = identity(pid)
-        assert owner is not None, "this process has no /proc entry"
-        index = _ring.attach_claim(self._mapping, owner, self._role, time.time_ns())
-        if index < 0 and free_dead_entries(self._mapping):
+        # (no /proc, as in some sandboxes: no identity to record, so count ourselves untracked,
+        # which keeps gc from ever calling the segment abandoned)
+        owner = identity(pid) or 0
+        index = -1
+        if owner:
             index = _ring.attach_claim(self._mapping, owner, self._role, time.time_ns())
+            if index < 0 and free_dead_entries(self._mapping):
+                index = _ring.attach_claim(self._mapping, owner, self._role, time.time_ns())
         if index < 0:
             _ring.attach_untracked(self._mapping, 1)
         self._index, self._owner, self._pid = index, owner, pid
