@@ -32,7 +32,7 @@ from typing import Any
 from shmq import _errors
 from shmq._errors import CorruptSegment, IncompatibleSegment, InvalidArgument, NotFound
 from shmq._native import _ring
-from shmq._segment import Segment
+from shmq._segment import Segment, process_started_by
 
 PROTOCOL_VERSION = 1
 BUS_MAGIC = 0x0053554251514D48  # bus.h SHMQ_BUS_MAGIC
@@ -359,17 +359,8 @@ def read_topic(buf: Any, off: int) -> TopicStats:
 
 def router_alive(pid: int, started_ns: int) -> bool:
     """Whether `pid` is still the router that started at `started_ns` (not a reused pid)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        # create_time has ~10 ms resolution; the router started after its process was created.
-        return (
-            bool(proc.create_time() * 1e9 <= started_ns + 50_000_000)
-            and proc.status() != psutil.STATUS_ZOMBIE
-        )
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    # create_time has ~10 ms resolution; the router started after its process was created.
+    return process_started_by(pid, started_ns, slack_ns=50_000_000)
 
 
 def bus_stats(bus: str) -> BusStats:

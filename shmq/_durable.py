@@ -175,6 +175,16 @@ class DataDir:
             self._lock_fd = -1
 
 
+def last_delivered(stored: int, intent_end: int, intent_seq: int, ring_tail_commit: int | None) -> int:
+    """The last log seq a log-fed ring got. `stored` is written after each commit, the intent
+    (`intent_end`, `intent_seq`) before it (bus.c, commit_output): a router that died in between
+    left `stored` behind, and the ring's tail_commit reaching `intent_end` says the commit
+    happened. `ring_tail_commit` None: the ring is gone, so count what may have reached it."""
+    if intent_seq > stored and (ring_tail_commit is None or ring_tail_commit >= intent_end):
+        return intent_seq
+    return stored
+
+
 def validate_durable_name(name: object) -> str:
     if not isinstance(name, str):
         raise ArgumentTypeError(f"durable must be a str name, got {type(name).__name__}")
@@ -226,14 +236,10 @@ class DurableState:
         return self.get(STATE_OFF_DELIVERED)
 
     def delivered_to(self, ring_tail_commit: int | None) -> int:
-        """The last seq the subscription's ring got, given the ring's tail_commit (None: the ring
-        is gone, so count what may have reached it). A router that died between a commit and its
-        store of `delivered` left the intent behind: the ring reaching its position says the
-        commit happened."""
-        delivered, seq, end = self.delivered, self.get(STATE_OFF_INTENT_SEQ), self.get(STATE_OFF_INTENT_END)
-        if seq > delivered and (ring_tail_commit is None or ring_tail_commit >= end):
-            return seq
-        return delivered
+        """The last seq the subscription's ring got (see last_delivered)."""
+        return last_delivered(
+            self.delivered, self.get(STATE_OFF_INTENT_END), self.get(STATE_OFF_INTENT_SEQ), ring_tail_commit
+        )
 
     @property
     def start_seq(self) -> int:

@@ -288,16 +288,16 @@ def read_info(name: str) -> SegmentInfo:
     )
 
 
-def process_started_by(pid: int, when_ns: int) -> bool:
-    """True if process `pid` runs and started by `when_ns` (so a reused pid, started later, does
-    not pass for the process that made something at `when_ns`)."""
+def process_started_by(pid: int, when_ns: int, slack_ns: int = 1_000_000_000) -> bool:
+    """True if process `pid` runs (not a zombie) and started by `when_ns` + `slack_ns` (so a reused
+    pid, started later, does not pass for the process that made something at `when_ns`)."""
     try:
         process = psutil.Process(pid)
         started, zombie = process.create_time(), process.status() == psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
     # (create_time has a resolution of a clock tick, and it is derived from the boot time)
-    return bool(started <= when_ns / 1e9 + 1.0) and not zombie
+    return bool(started * 1e9 <= when_ns + slack_ns) and not zombie
 
 
 #: A segment that was never finished (no magic) is left alone this long: its creator may be mid-way.

@@ -31,7 +31,6 @@ from shmq import _bus, _durable
 from shmq._async import RingWaiter
 from shmq._bus import POLICIES, PublisherStats, SubscriberStats, validate_bus
 from shmq._errors import (
-    AlreadyExists,
     ArgumentTypeError,
     Closed,
     Empty,
@@ -59,8 +58,6 @@ from shmq._native._ring import Message
 log = logging.getLogger("shmq.pubsub")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
-# Refusals whose class takes just a message (a fresh one per raise, each with its own traceback).
-_SIMPLE_REFUSALS = (PermissionDenied, InvalidArgument, AlreadyExists, NotFound, ShmqError)
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.01, 0.1
 
 
@@ -348,29 +345,33 @@ class Publisher(_ring.PublisherCore, _Client):
         # (a topic forgotten under a stricter router goes on from its last seq: seqs only grow)
         self._add_topic(topic, self._forgotten.pop(topic, 0))
 
-    def _check_permission(self, topic: str) -> None:
-        """Raise PermissionDenied if the router's ACL refuses us `topic` (first matching rule)."""
+    def _publish_refusal(self, topic: str) -> str | None:
+        """Why the router's ACL refuses us `topic` (first matching rule); None if it does not."""
         rules = self._publish_rules
         if rules is None:
-            return
+            return None
         found = first_match(rules, topic)
         if found is None:
-            raise PermissionDenied(
+            return (
                 f"publishing on {topic!r} is not allowed on bus {self._bus!r}: no rule in "
                 f"{self._acl_source} allows this user to publish on it; ask for an 'allow publish' rule; "
                 "nothing was published"
             )
         allowed, rule = found
         if not allowed:
-            raise PermissionDenied(
-                f"publishing on {topic!r} is denied by {rule} (bus {self._bus!r}); nothing was published"
-            )
+            return f"publishing on {topic!r} is denied by {rule} (bus {self._bus!r}); nothing was published"
+        return None
+
+    def _check_permission(self, topic: str) -> None:
+        refusal = self._publish_refusal(topic)
+        if refusal is not None:
+            raise PermissionDenied(refusal)
 
     def _raise_refusal(self) -> None:
         """Raise what the router said when it refused us on reconnect, if it did."""
         refusal = self._link.refusal
         if refusal is not None:
-            raise type(refusal)(*refusal.args) if type(refusal) in _SIMPLE_REFUSALS else refusal
+            raise refusal.with_traceback(None)  # (the same object each time: no growing traceback)
 
     def _timed_out(self, nbytes: int) -> None:
         if not self.connected:
@@ -401,8 +402,7 @@ class Publisher(_ring.PublisherCore, _Client):
             # does not ask _prepare again: forget the ones this router's rules refuse, so that
             # publishing on them raises PermissionDenied instead of being dropped by the router.
             for topic, seq in self._last_seqs().items():
-                found = first_match(self._publish_rules, topic)
-                if found is None or not found[0]:
+                if self._publish_refusal(topic) is not None:
                     self._forgotten[topic] = seq
                     self._forget_topic(topic)
         segment = self._map_bus(reply)
@@ -713,13 +713,12 @@ class Subscriber(_ring.SubscriberCore, _Client):
         segment = self._bus_segment
         if segment is not None and self._slot >= 0 and self._link.hello.get("start") is not None:
             off = _bus.u64(segment.mapping, _bus.OFF_SUBSCRIBERS) + self._slot * _bus.SUBSCRIBER_SLOT
-            last = _bus.u64(segment.mapping, off + _bus.SS_LOG_SEQ)
-            # A router that died between a commit and its store of LOG_SEQ left the intent: our
-            # ring reaching its position says those records are in it.
-            intent_seq = _bus.u64(segment.mapping, off + _bus.SS_INTENT_SEQ)
-            tail_commit = _bus.u64(self._ring._segment.mapping, _ring.OFF_TAIL_COMMIT)
-            if intent_seq > last and tail_commit >= _bus.u64(segment.mapping, off + _bus.SS_INTENT_END):
-                last = intent_seq
+            last = _durable.last_delivered(
+                _bus.u64(segment.mapping, off + _bus.SS_LOG_SEQ),
+                _bus.u64(segment.mapping, off + _bus.SS_INTENT_END),
+                _bus.u64(segment.mapping, off + _bus.SS_INTENT_SEQ),
+                _bus.u64(self._ring._segment.mapping, _ring.OFF_TAIL_COMMIT),
+            )
             if last:
                 self._link.hello["start"] = last + 1
         self._unmap_bus()

@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,26 +19,13 @@ from shmq import _attach
 from shmq._native import _ring
 from shmq._segment import abandoned, read_info, segment_path
 from shmq.testing import list_segments, remove_segment, unique_name
+from tests.test_cli import listed, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 WAIT_S = 20.0
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shmq.cli", *args], capture_output=True, text=True, timeout=60, env=ENV
-    )
-
-
-def listed(name: str) -> dict[str, Any]:
-    result = run_cli("ls", "--json")
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    (row,) = [r for r in rows if r["name"] == name]
-    return row
 
 
 class Holders:
