@@ -30,7 +30,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from shmq._errors import ArgumentTypeError, CorruptSegment, InvalidArgument, NotFound, PermissionDenied
+from shmq._errors import (
+    ArgumentTypeError,
+    CorruptSegment,
+    InvalidArgument,
+    MessageDecodeError,
+    NotFound,
+    PermissionDenied,
+)
 from shmq._native import _ring
 from shmq.topics import matches, validate_pattern
 
@@ -243,7 +250,7 @@ def decode_record(seq: int, time_ns: int, segment: int, offset: int, body: bytes
     try:
         topic = body[_MSG_HEADER.size : topic_end].decode("utf-8")
         headers = _ring.decode_headers(body[topic_end:headers_end]) if headers_len else {}
-    except (UnicodeDecodeError, CorruptSegment) as exc:
+    except (UnicodeDecodeError, MessageDecodeError, CorruptSegment) as exc:
         raise CorruptSegment(f"{where} is not a pub/sub message: {exc}") from None
     return LogEntry(
         seq=seq,
