@@ -300,6 +300,28 @@ def test_attaching_to_a_random_segment(raw: bytes, reads: list[str]) -> None:
         remove_segment(name)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cursor", ["head_release", "head_claim", "tail_commit", "tail_claim"])
+def test_a_misaligned_cursor_is_corrupt_not_read_across_the_end(kind: str, cursor: str) -> None:
+    """A cursor moved off the 8-byte grid used to put a frame header across the end of the data
+    area: get() read (ASan: out of bounds) and a wrapping put() could write past the segment.
+    Found under ASan by test_scribbled_ring_reads_are_data_or_corrupt."""
+    with new_queue(kind, 64) as q:
+        q.put(b"abc", timeout=1)
+        q.get(timeout=1)
+        q.put(b"abcdefgh", timeout=1)
+        m = q._segment.mapping
+        put_u64(m, CURSORS[cursor], u64(m, CURSORS[cursor]) + 61)  # (an offset of 5 within the lap)
+        reads = {"head_claim" if kind == "mpmc" else "head_release"}  # (a misaligned tail is a limit)
+        writes = {"tail_commit" if kind == "spsc" else "tail_claim"}
+        if cursor in reads:
+            with pytest.raises(shmq.CorruptSegment):
+                q.get(timeout=0)
+        if cursor in writes:
+            with pytest.raises(shmq.CorruptSegment):
+                q.put(b"x" * 20, timeout=0)
+
+
 @pytest.mark.timeout(60)
 def test_mpmc_release_with_a_scribbled_head_release_returns() -> None:
     """Was a bug (ring.c, advance_release): on an mpmc ring whose head_release lies more than a

@@ -768,6 +768,11 @@ static PyObject *PublisherCore_publish_many(PublisherCoreObject *self, PyObject 
         while (!failed && got < k) {
             shmq_span span;
             int rc = shmq_claim(&ring->ring, lengths + got, (size_t)(k - got), &span);
+            if (rc == SHMQ_CORRUPT) {
+                raise_code(ring, rc, lengths[got]);
+                failed = 1;
+                continue;
+            }
             if (rc != SHMQ_OK) {
                 int w = wait_for(ring, SHMQ_WRITABLE, lengths[got], deadline, ring->strategy);
                 if (w == WAIT_ERROR)

@@ -459,6 +459,10 @@ static int claim_one(RingObject *self, uint64_t length, int64_t deadline, shmq_s
         int rc = shmq_claim(&self->ring, &length, 1, span);
         if (rc == SHMQ_OK)
             return 0;
+        if (rc != SHMQ_FULL) {
+            raise_code(self, rc, length);
+            return -1;
+        }
         int w = wait_for(self, SHMQ_WRITABLE, length, deadline, self->strategy);
         if (w == WAIT_ERROR)
             return -1;
@@ -625,6 +629,11 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
             while (j + take < usable && piece < BATCH_BYTES)
                 piece += lengths[j + take++];
             int rc = shmq_claim(&self->ring, lengths + j, (size_t)take, &span);
+            if (rc == SHMQ_CORRUPT) {
+                raise_code(self, rc, lengths[j]);
+                failed = 1;
+                break;
+            }
             if (rc != SHMQ_OK) {
                 int w = wait_for(self, SHMQ_WRITABLE, lengths[j], deadline, self->strategy);
                 if (w == WAIT_AGAIN)

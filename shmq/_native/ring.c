@@ -324,6 +324,10 @@ int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span)
 {
     uint64_t t = producer_cursor(r);
     for (;;) {
+        /* Cursors are untrusted: a misaligned one would put a header across the data area's
+         * end. (Checked per claim, not per frame: frame sizes keep positions aligned.) */
+        if (t % SHMQ_FRAME_ALIGN)
+            return SHMQ_CORRUPT;
         uint64_t head = atomic_load_explicit(&r->cached_head, RELAXED);
         uint64_t end, bytes;
         size_t k = fit(r, t, head, lengths, n, &end, &bytes);
@@ -578,7 +582,9 @@ int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *
                 if (h == t)
                     return SHMQ_EMPTY;
             }
-            if (t - h > r->capacity)
+            /* A misaligned h would read a header across the data area's end (checked per read:
+             * frame sizes keep later positions aligned; a misaligned t is only a limit). */
+            if (t - h > r->capacity || h % SHMQ_FRAME_ALIGN)
                 return SHMQ_CORRUPT;
             int rc = walk(r, h, t, max_messages, max_bytes, span);
             if (rc != SHMQ_OK)
@@ -591,7 +597,7 @@ int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *
                 if (h == t)
                     return SHMQ_EMPTY;
                 int rc = SHMQ_CORRUPT;
-                if (t - h <= r->capacity)
+                if (t - h <= r->capacity && !(h % SHMQ_FRAME_ALIGN))
                     rc = walk(r, h, t, max_messages, max_bytes, span);
                 if (rc != SHMQ_OK) {
                     /* Either h went stale under us (another consumer took the
@@ -640,7 +646,7 @@ static void advance_release(shmq_ring *r)
     for (;;) {
         uint64_t claimed = atomic_load_explicit(r->head_claim, ACQUIRE);
         /* (more than a lap between them is damage: walking it would take forever) */
-        if (p >= claimed || claimed - p > r->capacity)
+        if (p >= claimed || claimed - p > r->capacity || p % SHMQ_FRAME_ALIGN)
             return;
         /* SYNC: seq_cst load pairs with the seq_cst DONE store in
          * shmq_release() (acquire half: that reader's payload reads happen
