@@ -11,6 +11,10 @@ Entries are claimed with a CAS on the owner word (shmq_attach_claim) and freed w
 same identity, so freeing a dead owner's entry can never free a live one's. When the table is full
 the dead owners' entries are freed and the claim tried again; a handle that still finds no room
 counts itself in `untracked`, and a segment with untracked handles is never called dead.
+
+A queue handle also publishes its open claims in its entry (`Ring._track`), which is what lets a
+waiter turn a dead process's claim into padding (ring.c, shmq_recover); a handle without an entry
+makes that recovery refuse, as it cannot tell its claims from a dead process's.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ ROLE_CREATOR, ROLE_USER, ROLE_ROUTER = 1, 2, 3
 ROLE_NAMES = {ROLE_CREATOR: "creator", ROLE_USER: "user", ROLE_ROUTER: "router"}
 _PID_BITS = 22  # pid_max is at most 2**22 on Linux
 _PID_MASK = (1 << _PID_BITS) - 1
-_ENTRY = struct.Struct("<QIIQQ")  # owner, role, zero, attached_ns, zero
+_ENTRY = struct.Struct("<QIIQ")  # owner, role, flags, attached_ns (then the claim bounds)
 
 
 def start_ticks(pid: int) -> int | None:
@@ -76,7 +80,7 @@ def attachments(mapping: Any) -> list[Attachment]:
     """The entries in use, read without locking (a snapshot; entries may come and go)."""
     found = []
     for i in range(_ring.ATTACH_SLOTS):
-        owner, role, _, attached_ns, _ = _ENTRY.unpack_from(
+        owner, role, _, attached_ns = _ENTRY.unpack_from(
             mapping, _ring.OFF_ATTACH + i * _ring.ATTACH_SLOT_SIZE
         )
         if owner:
@@ -106,16 +110,24 @@ def free_dead_entries(mapping: Any) -> int:
 class Registration:
     """This process's entry in one ring's table, held while a handle is open."""
 
-    __slots__ = ("__weakref__", "_index", "_mapping", "_owner", "_pid", "_role")
+    __slots__ = ("__weakref__", "_handle", "_index", "_mapping", "_owner", "_pid", "_role")
 
-    def __init__(self, mapping: Any, role: int) -> None:
+    def __init__(self, mapping: Any, role: int, handle: _ring.Ring | None = None) -> None:
+        """`handle` (a ring handle, held weakly) is told the entry taken, now and again in a
+        forked child, so that it publishes its claims there (`Ring._track`)."""
         self._mapping = mapping
         self._role = role
+        self._handle = None if handle is None else weakref.ref(handle)
         self._index = -1
         self._owner = 0
         self._pid = 0
         self._claim()
         _open.add(self)
+
+    @property
+    def index(self) -> int:
+        """The entry this process holds (-1: the table was full, counted untracked)."""
+        return self._index
 
     def _claim(self) -> None:
         pid = os.getpid()
@@ -130,6 +142,9 @@ class Registration:
         if index < 0:
             _ring.attach_untracked(self._mapping, 1)
         self._index, self._owner, self._pid = index, owner, pid
+        handle = None if self._handle is None else self._handle()
+        if handle is not None and not handle.closed:
+            handle._track(index)
 
     def _after_fork(self) -> None:
         # The child is a participant of its own (it inherited the handle); the parent's

@@ -17,11 +17,15 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
 from shmq._attach import Attachment, Registration, attachments, untracked
 from shmq._errors import AlreadyExists, CorruptSegment, InvalidArgument, NotFound, PermissionDenied
+
+if TYPE_CHECKING:
+    from shmq._native import _ring
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "shmq."
@@ -90,10 +94,16 @@ class Segment:
         self.created = created
         self.registration: Registration | None = None
 
-    def register(self, role: int) -> None:
-        """Enter this process in the ring's attachment table (a ring segment only) until close()."""
+    def register(self, role: int, handle: _ring.Ring | None = None) -> None:
+        """Enter this process in the ring's attachment table (a ring segment only) until close();
+        `handle` then publishes its claims in the entry (see `Registration`)."""
         if self.registration is None:
-            self.registration = Registration(self.mapping, role)
+            self.registration = Registration(self.mapping, role, handle)
+
+    def keep_registration(self) -> None:
+        """Leave this process's entry in place when closing (it is freed once the process is
+        gone): a claim of ours is still open, and recovery must keep taking it for a live one."""
+        self.registration = None
 
     @classmethod
     def create(cls, name: str, size: int, mode: int = 0o600) -> Segment:
@@ -164,7 +174,8 @@ class Segment:
                 size = os.fstat(fd).st_size
             if size < min_size:
                 raise CorruptSegment(
-                    f"segment {path} is {size} bytes, smaller than a shmq header ({min_size}); "
+                    f"queue {name!r}: segment {path} is {size} bytes, smaller than a shmq header "
+                    f"({min_size}); "
                     f"it is not a shmq ring or its creator died while creating it: unlink it"
                 )
             mapping = _map(fd, size)

@@ -73,6 +73,10 @@ class QueueStats:
     data_wakes: int  #: futex wakes issued to sleeping consumers
     space_wakes: int  #: futex wakes issued to sleeping producers
     deferred_commits: int  #: claims handed to an earlier producer to commit (see ARCHITECTURE)
+    #: dead producers' claims turned into padding so the ring could go on (see ARCHITECTURE)
+    dead_producer_claims: int
+    #: messages consumers had taken when they died (released for them; not delivered again)
+    dead_consumer_messages: int
 
 
 class Queue(_ring.Ring):
@@ -122,7 +126,7 @@ class Queue(_ring.Ring):
                     segment.mapping, KINDS[kind or DEFAULT_KIND], cap, os.getpid(), time.time_ns()
                 )
                 super().__init__(segment.mapping, name, WAITS[wait])
-                segment.register(ROLE_CREATOR)
+                segment.register(ROLE_CREATOR, self)
             except BaseException:
                 segment.close()
                 Segment.unlink(name)
@@ -141,7 +145,7 @@ class Queue(_ring.Ring):
                         f"queue {name!r} has capacity {self.capacity}, not {capacity}; attach "
                         f"without capacity= or with capacity={self.capacity}"
                     )
-                segment.register(ROLE_USER)
+                segment.register(ROLE_USER, self)
             except BaseException:
                 self._close_ring()
                 segment.close()
@@ -180,6 +184,10 @@ class Queue(_ring.Ring):
         for waiter in (self._read_waiter, self._write_waiter):
             if waiter is not None:
                 waiter.close()
+        if not self.closed and any(self._open_claims()):
+            # A put_view / get_view of another thread is still open: our entry must go on
+            # saying that a live process holds that claim.
+            self._segment.keep_registration()
         self._close_ring()
         self._segment.close()
 
@@ -217,6 +225,8 @@ class Queue(_ring.Ring):
             data_wakes=c["data_wakes"],
             space_wakes=c["space_wakes"],
             deferred_commits=c["deferred_commits"],
+            dead_producer_claims=c["dead_producer_claims"],
+            dead_consumer_messages=c["dead_consumer_messages"],
         )
 
     # -- objects (pickle protocol 5, out-of-band buffers written in place) --

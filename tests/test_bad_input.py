@@ -329,7 +329,14 @@ HEADER_DAMAGE: list[tuple[str, int, bytes, type[shmq.ShmqError], str]] = [
         "wrong magic",
     ),
     ("magic-zero", _ring.OFF_MAGIC, bytes(8), shmq.CorruptSegment, "never finished"),
-    ("version-2", _ring.OFF_VERSION, struct.pack("<I", 2), shmq.IncompatibleSegment, "version"),
+    (
+        "version-next",
+        _ring.OFF_VERSION,
+        struct.pack("<I", _ring.VERSION + 1),
+        shmq.IncompatibleSegment,
+        "version",
+    ),
+    ("version-1", _ring.OFF_VERSION, struct.pack("<I", 1), shmq.IncompatibleSegment, "version"),
     ("version-0", _ring.OFF_VERSION, struct.pack("<I", 0), shmq.IncompatibleSegment, "version"),
     ("kind-0", _ring.OFF_KIND, struct.pack("<I", 0), shmq.IncompatibleSegment, "unknown ring kind"),
     ("kind-4", _ring.OFF_KIND, struct.pack("<I", 4), shmq.IncompatibleSegment, "unknown ring kind"),
@@ -380,7 +387,9 @@ def test_file_smaller_than_a_header(name: str, size: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("size", [4096, 4096 + 256, 4096 + 1024, 10_000])
+@pytest.mark.parametrize(
+    "size", [4096, _ring.HEADER_SIZE, _ring.HEADER_SIZE + 256, _ring.HEADER_SIZE + 1024, 20_000]
+)
 def test_file_of_random_bytes(name: str, size: int, seed: int) -> None:
     """A file of random bytes is CorruptSegment naming it, never a crash."""
     with open(segment_path(name), "xb") as f:
@@ -395,7 +404,7 @@ def test_random_bytes_behind_a_valid_magic(name: str, seed: int) -> None:
     """Random bytes behind a correct magic number are refused (corrupt or incompatible), never a crash."""
     rng = random.Random(seed)
     with open(segment_path(name), "xb") as f:
-        f.write(struct.pack("<Q", _ring.MAGIC) + rng.randbytes(4096 + 256 - 8))
+        f.write(struct.pack("<Q", _ring.MAGIC) + rng.randbytes(_ring.HEADER_SIZE + 256 - 8))
     with pytest.raises((shmq.CorruptSegment, shmq.IncompatibleSegment)) as info:
         shmq.Queue(name)
     assert repr(name) in str(info.value)

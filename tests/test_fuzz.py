@@ -69,6 +69,7 @@ def fuzz(examples: int) -> Any:
 U32 = st.integers(0, 2**32 - 1)
 U64 = st.integers(0, 2**64 - 1)
 KINDS = ("spsc", "mpsc", "mpmc")
+HDR = _ring.HEADER_SIZE
 
 
 def u64(buf: Any, off: int) -> int:
@@ -237,21 +238,22 @@ def noise(draw: Any, n: int) -> bytearray:
 def header_bytes(
     draw: Any, magic: int, version: int, kind: int, capacity: int, size: int, fields: dict[str, int]
 ) -> bytes:
-    head = noise(draw, 4096)
+    head = noise(draw, HDR)
     struct.pack_into("<QIIQ", head, 0, magic, version, kind, capacity)
     struct.pack_into("<Q", head, 40, fields["max_message"])
     struct.pack_into("<II", head, 48, fields["header_size"], 8)
     for name, off in CURSORS.items():
         put_u64(head, off, fields[name])
-    return bytes(head + noise(draw, size - 4096))
+    return bytes(head + noise(draw, size - HDR))
 
 
 @st.composite
 def segment_files(draw: Any) -> bytes:
     """Files of random bytes, most of them with a header that is valid in some or all fields (the
-    magic is never zero: an attacher waits 1 s for a creator to finish such a header)."""
+    magic is never zero, and none is smaller than a header: an attacher waits 1 s for a creator
+    to finish such a segment)."""
     if draw(st.integers(0, 4)) == 0:
-        size = draw(st.integers(4096, 4096 + 4096 + 64))
+        size = draw(st.integers(HDR, HDR + 4096 + 64))
         raw = noise(draw, size)
         if raw[:8] == bytes(8):
             raw[0] = 1
@@ -261,7 +263,7 @@ def segment_files(draw: Any) -> bytes:
     tail = head + draw(st.integers(0, capacity // 8)) * 8
     fields = {
         "max_message": draw(st.sampled_from([capacity // 2 - 8] * 4 + [0, capacity, 2**64 - 1])),
-        "header_size": draw(st.sampled_from([4096] * 4 + [0, 64, 8192])),
+        "header_size": draw(st.sampled_from([HDR] * 4 + [0, 64, 4096, 2 * HDR])),
         "head_release": head,
         "head_claim": draw(st.sampled_from([head, tail, head + 8 * capacity])),
         "tail_commit": tail,
@@ -271,10 +273,10 @@ def segment_files(draw: Any) -> bytes:
         if draw(st.integers(0, 5)) == 0:
             fields[name] = draw(st.one_of(U64, st.integers(-16, 16).map(lambda d, v=fields[name]: v + d)))
     magic = draw(st.sampled_from([_ring.MAGIC] * 6 + [_ring.MAGIC ^ 1, 0x4242]))
-    version = draw(st.sampled_from([1] * 6 + [0, 2, 2**32 - 1]))
+    version = draw(st.sampled_from([_ring.VERSION] * 6 + [0, _ring.VERSION + 1, 2**32 - 1]))
     kind = draw(st.sampled_from([1, 2, 3] * 2 + [0, 4, 2**32 - 1]))
     cap_field = draw(st.sampled_from([capacity] * 6 + [0, capacity * 2, capacity - 8, 2**63, 32]))
-    size = 4096 + draw(st.sampled_from([capacity] * 6 + [capacity // 2, capacity * 2, 8]))
+    size = HDR + draw(st.sampled_from([capacity] * 6 + [capacity // 2, capacity * 2, 8]))
     return header_bytes(draw, magic, version, kind, cap_field, size, fields)
 
 

@@ -483,6 +483,8 @@ def test_stats_after_known_traffic(make_queue: MakeQueue, kind: str) -> None:
         "data_wakes": 0,
         "space_wakes": 0,
         "deferred_commits": 0,
+        "dead_producer_claims": 0,
+        "dead_consumer_messages": 0,
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.messages_put = 0  # type: ignore[misc]

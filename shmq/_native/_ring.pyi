@@ -41,6 +41,8 @@ OFF_UNTRACKED: int
 OFF_ATTACH: int
 ATTACH_SLOT_SIZE: int
 ATTACH_SLOTS: int
+OFF_RECOVER_LOCK: int
+RECOVER_AFTER_NS: int
 
 def attach_claim(buffer: Buffer, owner: int, role: int, now_ns: int, /) -> int:
     """Claim a free attachment entry for `owner`: its index, or -1 if the table is full."""
@@ -116,6 +118,8 @@ class Ring:
     def full(self) -> bool: ...
     def _counters(self) -> dict[str, Any]: ...
     def _close_ring(self) -> None: ...
+    def _track(self, index: int, /) -> None: ...
+    def _open_claims(self) -> tuple[int, int]: ...
 
 # -- pub/sub (shmq/_native/_pubsub.c) ------------------------------------------------------
 

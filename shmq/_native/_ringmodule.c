@@ -229,9 +229,14 @@ enum { WAIT_AGAIN = 0, WAIT_TIMED_OUT = 1, WAIT_ERROR = -1 };
  */
 static int wait_for(RingObject *self, int condition, uint64_t arg, int64_t deadline, int strategy)
 {
+    int64_t now = shmq_now_ns();
+    /* Whoever waits also checks, now and then, whether a dead process holds what it waits for
+     * (a claim the commit cursor waits on, a frame the release cursor waits on). Once per
+     * recovery interval of stall; a few loads otherwise. */
+    if (shmq_recover(&self->ring, now) > 0 && shmq_condition_holds(&self->ring, condition, arg))
+        return WAIT_AGAIN;
     if (deadline == 0)
         return WAIT_TIMED_OUT;
-    int64_t now = shmq_now_ns();
     if (deadline > 0 && now >= deadline)
         return WAIT_TIMED_OUT;
     if (strategy == SHMQ_WAIT_SPIN || strategy == SHMQ_WAIT_ADAPTIVE) {
@@ -288,6 +293,8 @@ static int finish_claim(RingObject *self, const shmq_span *span, int deliver, in
             if (shmq_commit_ready(r, span))
                 break;
             int64_t now = shmq_now_ns();
+            if (shmq_recover(r, now) > 0 && shmq_commit_ready(r, span))
+                break; /* the claim we waited behind was a dead producer's */
             if (interrupted || deadline == 0 || (deadline > 0 && now >= deadline)) {
                 if (shmq_defer_commit(r, span, !deliver || interrupted) == SHMQ_OK) {
                     ring_unpin(self);
@@ -1193,7 +1200,7 @@ static PyObject *Ring_counters(RingObject *self, PyObject *Py_UNUSED(ignored))
     shmq_ring *r = &self->ring;
 #define LOAD(p) (unsigned long long)atomic_load_explicit((p), memory_order_relaxed)
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "messages_put",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "messages_put",
         LOAD(r->put_count), "bytes_put", LOAD(r->put_bytes), "messages_got", LOAD(r->get_count),
         "bytes_got", LOAD(r->get_bytes), "put_waits", LOAD(r->put_waits), "get_waits",
         LOAD(r->get_waits), "data_wakes", LOAD(r->data_wakes), "space_wakes",
@@ -1201,8 +1208,35 @@ static PyObject *Ring_counters(RingObject *self, PyObject *Py_UNUSED(ignored))
         LOAD(r->tail_commit), "head_claim", LOAD(r->head_claim), "head_release",
         LOAD(r->head_release), "depth_messages", (unsigned long long)shmq_depth_messages(r),
         "depth_bytes", (unsigned long long)shmq_depth_bytes(r), "deferred_commits",
-        LOAD(r->deferred_total));
+        LOAD(r->deferred_total), "dead_producer_claims", LOAD(r->dead_producer_claims),
+        "dead_producer_bytes", LOAD(r->dead_producer_bytes), "dead_consumer_messages",
+        LOAD(r->dead_consumer_messages));
 #undef LOAD
+}
+
+/* Publish this handle's claims in attachment entry `index` (-1: none), so that recovery can
+ * tell them from a dead process's. Called by shmq.Queue once it holds the entry, and again in
+ * a forked child for the child's own entry. */
+static PyObject *Ring_track(RingObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self, NULL);
+    long index = PyLong_AsLong(arg);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index < -1 || index >= SHMQ_ATTACH_SLOTS) {
+        PyErr_Format(error_class(E_INVALID_ARGUMENT), "attachment entry %ld out of range", index);
+        return NULL;
+    }
+    shmq_track(&self->ring, (int)index);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_open_claims(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self, NULL);
+    shmq_ring *r = &self->ring;
+    return Py_BuildValue("(nn)", (Py_ssize_t)(r->open_n[0] + r->open_overflow[0]),
+                         (Py_ssize_t)(r->open_n[1] + r->open_overflow[1]));
 }
 
 static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored))
@@ -1314,6 +1348,10 @@ static PyMethodDef Ring_methods[] = {
     {"empty", (PyCFunction)Ring_empty, METH_NOARGS, "True if no message is ready to read."},
     {"full", (PyCFunction)Ring_full, METH_NOARGS, "True if not even an empty message fits."},
     {"_counters", (PyCFunction)Ring_counters, METH_NOARGS, "Raw counters and cursors."},
+    {"_track", (PyCFunction)Ring_track, METH_O,
+     "_track(index): publish this handle's claims in attachment entry index (-1: stop)."},
+    {"_open_claims", (PyCFunction)Ring_open_claims, METH_NOARGS,
+     "_open_claims() -> (writes, reads): claims this handle holds, as tracked."},
     {"_close_ring", (PyCFunction)Ring_close, METH_NOARGS, "Stop using the mapping."},
     {NULL},
 };
@@ -1505,6 +1543,7 @@ PyMODINIT_FUNC PyInit__ring(void)
         {"OFF_HEAD_CLAIM", SHMQ_OFF_HEAD_CLAIM}, {"OFF_HEAD_RELEASE", SHMQ_OFF_HEAD_RELEASE},
         {"OFF_DATA_WAITERS", SHMQ_OFF_DATA_WAITERS}, {"OFF_SPACE_WAITERS", SHMQ_OFF_SPACE_WAITERS},
         {"OFF_UNTRACKED", SHMQ_OFF_UNTRACKED}, {"OFF_ATTACH", SHMQ_OFF_ATTACH},
+        {"OFF_RECOVER_LOCK", SHMQ_OFF_RECOVER_LOCK}, {"RECOVER_AFTER_NS", SHMQ_RECOVER_AFTER_NS},
         {"ATTACH_SLOT_SIZE", SHMQ_ATTACH_SLOT_SIZE}, {"ATTACH_SLOTS", SHMQ_ATTACH_SLOTS},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)

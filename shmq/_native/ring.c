@@ -6,7 +6,10 @@
 #include "ring.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <string.h>
@@ -18,6 +21,7 @@
 #define ACQUIRE memory_order_acquire
 #define RELEASE memory_order_release
 #define SEQ_CST memory_order_seq_cst
+#define ACQ_REL memory_order_acq_rel
 
 #define U64_AT(base, off) ((_Atomic uint64_t *)((base) + (off)))
 #define U32_AT(base, off) ((_Atomic uint32_t *)((base) + (off)))
@@ -119,6 +123,10 @@ int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
     r->space_waiters = U32_AT(base, SHMQ_OFF_SPACE_WAITERS);
     r->deferred_count = U64_AT(base, SHMQ_OFF_DEFERRED_COUNT);
     r->deferred_total = U64_AT(base, SHMQ_OFF_DEFERRED_TOTAL);
+    r->recover_lock = U64_AT(base, SHMQ_OFF_RECOVER_LOCK);
+    r->dead_producer_claims = U64_AT(base, SHMQ_OFF_DEAD_PRODUCER_CLAIMS);
+    r->dead_producer_bytes = U64_AT(base, SHMQ_OFF_DEAD_PRODUCER_BYTES);
+    r->dead_consumer_messages = U64_AT(base, SHMQ_OFF_DEAD_CONSUMER_MESSAGES);
 
     /* The cursors are untrusted input: check their invariants once here, and
      * every frame header again before it is used. */
@@ -163,8 +171,14 @@ int shmq_attach_claim(uint8_t *base, uint64_t owner, uint32_t role, uint64_t now
             atomic_compare_exchange_strong_explicit(attach_owner(base, i), &expected, owner, SEQ_CST,
                                                     RELAXED)) {
             uint8_t *e = base + SHMQ_OFF_ATTACH + i * SHMQ_ATTACH_SLOT_SIZE;
-            atomic_store_explicit(U32_AT(e, 8), role, RELAXED);
-            atomic_store_explicit(U64_AT(e, 16), now_ns, RELAXED);
+            /* (A recoverer that reads the new owner with the last owner's flags and bounds
+             * errs on the safe side: a bound is only ever a reason to recover less, and this
+             * owner holds no claim before shmq_track sets its own.) */
+            atomic_store_explicit(U32_AT(e, SHMQ_ENTRY_FLAGS), 0, RELAXED);
+            atomic_store_explicit(U64_AT(e, SHMQ_ENTRY_WRITE_PENDING), SHMQ_NO_CLAIM, RELAXED);
+            atomic_store_explicit(U64_AT(e, SHMQ_ENTRY_READ_PENDING), SHMQ_NO_CLAIM, RELAXED);
+            atomic_store_explicit(U32_AT(e, SHMQ_ENTRY_ROLE), role, RELAXED);
+            atomic_store_explicit(U64_AT(e, SHMQ_ENTRY_ATTACHED_NS), now_ns, RELAXED);
             return i;
         }
     }
@@ -186,6 +200,92 @@ uint64_t shmq_attach_untracked(uint8_t *base, int delta)
     /* An atomic add: untracked handles come and go in many processes at once. */
     return atomic_fetch_add_explicit(U64_AT(base, SHMQ_OFF_UNTRACKED), (uint64_t)(int64_t)delta, RELAXED) +
            (uint64_t)(int64_t)delta;
+}
+
+/* ------------------------------------------------------------------ */
+/* Claim tracking: what recovery needs to tell a live claim from a dead one */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Each tracked handle keeps, per side, a bound in its attachment entry: no claim it holds
+ * starts below it. It is stored before the claim CAS (which is a release, so a recoverer that
+ * acquires the cursor past the claim sees the bound) and raised only after the claim is
+ * handed over (a release store after the commit, deferral or DONE marks, so a recoverer that
+ * sees the raised bound sees the hand-over too). The claims themselves are listed here, in
+ * process memory, to compute the new bound.
+ */
+enum { SIDE_WRITE = 0, SIDE_READ = 1 };
+
+static inline _Atomic uint64_t *pending_word(const shmq_ring *r, int side)
+{
+    return U64_AT(r->entry, side == SIDE_READ ? SHMQ_ENTRY_READ_PENDING : SHMQ_ENTRY_WRITE_PENDING);
+}
+
+/* Before a claim CAS from `from`: with no claim open, the bound becomes `from` (the claim, if
+ * the CAS succeeds, starts exactly there; a failed CAS retries from further on). */
+static inline void track_attempt(shmq_ring *r, int side, uint64_t from)
+{
+    if (r->entry && r->open_n[side] == 0 && r->open_overflow[side] == 0)
+        /* Relaxed: published by the release claim CAS that follows. */
+        atomic_store_explicit(pending_word(r, side), from, RELAXED);
+}
+
+/* The attempt ended without a claim (full, empty, damage). */
+static inline void track_gave_up(shmq_ring *r, int side)
+{
+    if (r->entry && r->open_n[side] == 0 && r->open_overflow[side] == 0)
+        atomic_store_explicit(pending_word(r, side), SHMQ_NO_CLAIM, RELAXED);
+}
+
+static inline void track_open(shmq_ring *r, int side, uint64_t start)
+{
+    if (!r->entry)
+        return;
+    if (r->open_n[side] < SHMQ_OPEN_CLAIMS)
+        r->open_start[side][r->open_n[side]++] = start;
+    else
+        r->open_overflow[side]++;
+}
+
+/* After the claim at `start` was handed over: the bound rises to the oldest claim still open. */
+static void track_close(shmq_ring *r, int side, uint64_t start)
+{
+    if (!r->entry)
+        return;
+    uint32_t i, n = r->open_n[side];
+    for (i = 0; i < n && r->open_start[side][i] != start; i++) {
+    }
+    if (i < n)
+        r->open_start[side][i] = r->open_start[side][--r->open_n[side]];
+    else if (r->open_overflow[side])
+        r->open_overflow[side]--;
+    if (r->open_overflow[side])
+        return; /* a claim not listed may be the oldest: keep the bound where it is */
+    uint64_t bound = SHMQ_NO_CLAIM;
+    for (i = 0; i < r->open_n[side]; i++)
+        if (r->open_start[side][i] < bound)
+            bound = r->open_start[side][i];
+    /* SYNC: release pairs with the acquire load of the bound in live_bound(): a recoverer
+     * that sees the raised bound sees our hand-over (tail_commit, a READY slot, DONE marks). */
+    atomic_store_explicit(pending_word(r, side), bound, RELEASE);
+}
+
+void shmq_track(shmq_ring *r, int index)
+{
+    memset(r->open_n, 0, sizeof(r->open_n));
+    memset(r->open_overflow, 0, sizeof(r->open_overflow));
+    memset(r->stall_since, 0, sizeof(r->stall_since));
+    r->recover_next_ns = 0;
+    if (index < 0 || index >= SHMQ_ATTACH_SLOTS) {
+        r->entry = NULL;
+        return;
+    }
+    r->entry = r->base + SHMQ_OFF_ATTACH + (size_t)index * SHMQ_ATTACH_SLOT_SIZE;
+    atomic_store_explicit(pending_word(r, SIDE_WRITE), SHMQ_NO_CLAIM, RELAXED);
+    atomic_store_explicit(pending_word(r, SIDE_READ), SHMQ_NO_CLAIM, RELAXED);
+    /* SYNC: release pairs with the acquire load of the flags in live_bound(): an entry seen
+     * as tracked has its bounds set. */
+    atomic_fetch_or_explicit(U32_AT(r->entry, SHMQ_ENTRY_FLAGS), SHMQ_ENTRY_TRACKED, RELEASE);
 }
 
 /* ------------------------------------------------------------------ */
@@ -326,8 +426,10 @@ int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span)
     for (;;) {
         /* Cursors are untrusted: a misaligned one would put a header across the data area's
          * end. (Checked per claim, not per frame: frame sizes keep positions aligned.) */
-        if (t % SHMQ_FRAME_ALIGN)
+        if (t % SHMQ_FRAME_ALIGN) {
+            track_gave_up(r, SIDE_WRITE);
             return SHMQ_CORRUPT;
+        }
         uint64_t head = atomic_load_explicit(&r->cached_head, RELAXED);
         uint64_t end, bytes;
         size_t k = fit(r, t, head, lengths, n, &end, &bytes);
@@ -339,14 +441,21 @@ int shmq_claim(shmq_ring *r, const uint64_t *lengths, size_t n, shmq_span *span)
             head = atomic_load_explicit(r->head_release, ACQUIRE);
             atomic_store_explicit(&r->cached_head, head, RELAXED);
             k = fit(r, t, head, lengths, n, &end, &bytes);
-            if (k == 0)
+            if (k == 0) {
+                track_gave_up(r, SIDE_WRITE);
                 return SHMQ_FULL;
+            }
         }
-        /* A single producer owns the cursor; several race for it. Relaxed CAS:
-         * the claim only has to be atomic, the bytes are published by the
-         * ordered commit, and our view of head came from the acquire above. */
+        if (r->multi_producer)
+            track_attempt(r, SIDE_WRITE, t);
+        /* A single producer owns the cursor; several race for it. The claim only has to be
+         * atomic (the bytes are published by the ordered commit, and our view of head came
+         * from the acquire above), but the CAS is a release: SYNC: it pairs with the acquire
+         * load of tail_claim in recover_commits(), which then sees the bound stored above. */
         if (!r->multi_producer ||
-            atomic_compare_exchange_weak_explicit(r->tail_claim, &t, end, RELAXED, RELAXED)) {
+            atomic_compare_exchange_weak_explicit(r->tail_claim, &t, end, RELEASE, RELAXED)) {
+            if (r->multi_producer)
+                track_open(r, SIDE_WRITE, t);
             span->start = t;
             span->end = end;
             span->count = k;
@@ -471,6 +580,7 @@ void shmq_commit(shmq_ring *r, const shmq_span *span)
 {
     publish(r, span->end, span->count, span->bytes);
     if (r->multi_producer) {
+        track_close(r, SIDE_WRITE, span->start);
         /* SYNC: Dekker pair with shmq_defer_commit(), which publishes a slot
          * and then loads tail_commit: either we see its count here, or it
          * sees our tail_commit there and commits by itself. */
@@ -505,6 +615,7 @@ int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon)
     atomic_fetch_add_explicit(r->deferred_count, 1, SEQ_CST);
     /* SYNC: pairs with the seq_cst state load in run_deferred(). */
     atomic_store_explicit(slot_state(r, i), SLOT_READY, SEQ_CST);
+    track_close(r, SIDE_WRITE, span->start);
     /* SYNC: the other half of the Dekker pair in shmq_commit(). */
     if (atomic_load_explicit(r->tail_commit, SEQ_CST) == span->start) {
         run_deferred(r);
@@ -594,8 +705,10 @@ int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *
             for (;;) {
                 /* SYNC: acquire pairs with the release store in shmq_commit(). */
                 uint64_t t = atomic_load_explicit(r->tail_commit, ACQUIRE);
-                if (h == t)
+                if (h == t) {
+                    track_gave_up(r, SIDE_READ);
                     return SHMQ_EMPTY;
+                }
                 int rc = SHMQ_CORRUPT;
                 if (t - h <= r->capacity && !(h % SHMQ_FRAME_ALIGN))
                     rc = walk(r, h, t, max_messages, max_bytes, span);
@@ -603,16 +716,23 @@ int shmq_read(shmq_ring *r, size_t max_messages, uint64_t max_bytes, shmq_span *
                     /* Either h went stale under us (another consumer took the
                      * frame and a producer reused it) or the ring is damaged. */
                     uint64_t now = atomic_load_explicit(r->head_claim, RELAXED);
-                    if (now == h)
+                    if (now == h) {
+                        track_gave_up(r, SIDE_READ);
                         return SHMQ_CORRUPT;
+                    }
                     h = now;
                     continue;
                 }
+                track_attempt(r, SIDE_READ, h);
                 /* Success proves h was still unclaimed, so the headers we read
-                 * were the committed ones (nobody may reuse an unclaimed frame). */
-                if (atomic_compare_exchange_weak_explicit(r->head_claim, &h, span->end, ACQUIRE,
-                                                          RELAXED))
+                 * were the committed ones (nobody may reuse an unclaimed frame).
+                 * SYNC: the release half pairs with the acquire load of head_claim in
+                 * recover_reads(), which then sees the bound stored just above. */
+                if (atomic_compare_exchange_weak_explicit(r->head_claim, &h, span->end, ACQ_REL,
+                                                          RELAXED)) {
+                    track_open(r, SIDE_READ, span->start);
                     break;
+                }
             }
         }
         if (span->count > 0)
@@ -692,6 +812,7 @@ void shmq_release(shmq_ring *r, const shmq_span *span)
             pos += shmq_frame_size(len);
         }
         advance_release(r);
+        track_close(r, SIDE_READ, span->start);
     }
     wake_waiters(r->space_futex, r->space_wakes);
 }
@@ -792,6 +913,250 @@ void shmq_wake_all(shmq_ring *r)
     atomic_fetch_add_explicit(r->space_futex, 2, RELEASE);
     futex(r->data_futex, FUTEX_WAKE, INT_MAX, NULL);
     futex(r->space_futex, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* Dead peers                                                          */
+/* ------------------------------------------------------------------ */
+
+#define PID_BITS 22
+
+int shmq_owner_alive(uint64_t owner)
+{
+    if (!owner)
+        return 0;
+    unsigned pid = (unsigned)(owner & ((1u << PID_BITS) - 1));
+    char path[48], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return !(errno == ENOENT || errno == ESRCH); /* unreadable (hidepid...): assume alive */
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    int read_errno = errno;
+    close(fd);
+    if (n <= 0)
+        return n < 0 && read_errno != ESRCH;
+    buf[n] = 0;
+    /* The command name (field 2) may hold spaces and ')': the fields after it start after the
+     * last ')'. Field 3 is the state (a zombie is dead), field 22 the start time in ticks. */
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ')
+        return 1;
+    p += 2;
+    if (*p == 'Z' || *p == 'X')
+        return 0;
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (!p)
+            return 1;
+        p++;
+    }
+    unsigned long long ticks = strtoull(p, NULL, 10);
+    return (((uint64_t)ticks << PID_BITS) | pid) == owner;
+}
+
+/*
+ * The lowest bound among live handles' claims on `side` that lies above `floor`, into *bound
+ * (which it only lowers). Returns 0 when recovery must not go on: a live handle may hold the
+ * claim at `floor` (its bound is at or below it), or a live handle's claims are not tracked
+ * (a router's side of a ring, a handle without an entry).
+ */
+static int live_bound(shmq_ring *r, int side, uint64_t floor, uint64_t *bound)
+{
+    if (atomic_load_explicit(U64_AT(r->base, SHMQ_OFF_UNTRACKED), ACQUIRE) != 0)
+        return 0;
+    uint64_t me = atomic_load_explicit(U64_AT(r->entry, SHMQ_ENTRY_OWNER), RELAXED);
+    for (int i = 0; i < SHMQ_ATTACH_SLOTS; i++) {
+        uint8_t *e = r->base + SHMQ_OFF_ATTACH + (size_t)i * SHMQ_ATTACH_SLOT_SIZE;
+        uint64_t owner = atomic_load_explicit(U64_AT(e, SHMQ_ENTRY_OWNER), ACQUIRE);
+        if (!owner || (owner != me && !shmq_owner_alive(owner)))
+            continue;
+        /* SYNC: acquire pairs with the release in shmq_track() (flags) and in track_close()
+         * (a raised bound: the hand-over before it is visible to our later loads). */
+        if (!(atomic_load_explicit(U32_AT(e, SHMQ_ENTRY_FLAGS), ACQUIRE) & SHMQ_ENTRY_TRACKED))
+            return 0;
+        uint64_t p = atomic_load_explicit(
+            U64_AT(e, side == SIDE_READ ? SHMQ_ENTRY_READ_PENDING : SHMQ_ENTRY_WRITE_PENDING), ACQUIRE);
+        if (p == SHMQ_NO_CLAIM)
+            continue;
+        if (p <= floor)
+            return 0;
+        if (p < *bound)
+            *bound = p;
+    }
+    return 1;
+}
+
+/*
+ * The commit cursor P waits for a claim. Every claim in [P, S) belongs to a dead process, where
+ * S is the lowest of: a live handle's bound, a deferred claim's start, the claim cursor. Why:
+ * a claim [a, b) with a < S was made by a CAS that our acquire load of tail_claim follows, so
+ * its owner's bound (stored before that CAS) is visible; a live owner still holding it would
+ * have a bound <= a, which either stopped us (<= P) or made S <= a. A claim handed over since
+ * shows in the deferred slots or moved tail_commit, which the re-check below catches. Nobody
+ * else writes in [P, S) then, and no reader looks there: we write padding over it and commit it.
+ */
+static int recover_commits(shmq_ring *r)
+{
+    uint64_t p = atomic_load_explicit(r->tail_commit, SEQ_CST);
+    /* SYNC: acquire (seq_cst) pairs with the release claim CAS in shmq_claim(). */
+    uint64_t t = atomic_load_explicit(r->tail_claim, SEQ_CST);
+    if (p == t || t - p > r->capacity || (p | t) % SHMQ_FRAME_ALIGN)
+        return 0;
+    uint64_t s = t;
+    if (!live_bound(r, SIDE_WRITE, p, &s))
+        return 0;
+    for (int i = 0; i < SHMQ_DEFERRED_SLOTS; i++) {
+        /* SYNC: seq_cst pairs with the READY store in shmq_defer_commit() (the fields). */
+        uint32_t state = atomic_load_explicit(slot_state(r, i), SEQ_CST);
+        if (state == SLOT_FREE)
+            continue;
+        uint64_t start = atomic_load_explicit(slot_field(r, i, FIELD_START), RELAXED);
+        if (start < p || start >= s)
+            continue; /* (an older use's start, below P, while a slot is being filled) */
+        if (start == p) {
+            if (state != SLOT_READY)
+                return 0; /* being handed over or committed right now: not dead */
+            run_deferred(r); /* its turn came: commit it (a wake that went missing) */
+            wake_waiters(r->data_futex, r->data_wakes);
+            return 0;
+        }
+        s = start;
+    }
+    /* SYNC: a commit at P stored tail_commit before its bound rose (release), and we loaded
+     * the bound with acquire: if it committed, this load sees it. */
+    if (atomic_load_explicit(r->tail_commit, SEQ_CST) != p)
+        return 0;
+    for (uint64_t pos = p; pos < s;) {
+        uint64_t room = r->capacity - (pos & r->mask);
+        uint64_t size = s - pos < room ? s - pos : room; /* a frame never wraps */
+        write_header(r, pos, (uint32_t)(size - SHMQ_FRAME_HEADER), SHMQ_FRAME_PAD);
+        pos += size;
+    }
+    /* SYNC: release (seq_cst) pairs with the acquire loads of tail_commit in shmq_read() (the
+     * padding is visible) and in shmq_commit_ready() (the next producer's turn). A CAS: only
+     * damage could have moved it, and then we must not. */
+    uint64_t expected = p;
+    if (!atomic_compare_exchange_strong_explicit(r->tail_commit, &expected, s, SEQ_CST, RELAXED))
+        return 0;
+    atomic_fetch_add_explicit(r->dead_producer_claims, 1, RELAXED);
+    atomic_fetch_add_explicit(r->dead_producer_bytes, s - p, RELAXED);
+    /* SYNC: Dekker with shmq_defer_commit(), as in shmq_commit(). */
+    atomic_thread_fence(SEQ_CST);
+    if (atomic_load_explicit(r->deferred_count, RELAXED) != 0)
+        run_deferred(r);
+    wake_waiters(r->data_futex, r->data_wakes);
+    return 1;
+}
+
+/*
+ * The release cursor H waits for a frame a consumer claimed. As above, with head_claim for the
+ * claim cursor: every claimed frame in [H, X) that is not DONE belongs to a dead consumer. We
+ * mark them DONE one at a time, each while it is the frame at head_release: a frame there that
+ * is not DONE cannot be released (and its bytes reused) by anyone else, so re-reading
+ * head_release after its state proves the state was this lap's.
+ */
+static int recover_reads(shmq_ring *r)
+{
+    uint64_t h = atomic_load_explicit(r->head_release, SEQ_CST);
+    /* SYNC: acquire (seq_cst) pairs with the release half of the claim CAS in shmq_read(). */
+    uint64_t c = atomic_load_explicit(r->head_claim, SEQ_CST);
+    if (h == c || c - h > r->capacity || (h | c) % SHMQ_FRAME_ALIGN)
+        return 0;
+    uint64_t x = c;
+    if (!live_bound(r, SIDE_READ, h, &x))
+        return 0;
+    uint64_t messages = 0, bytes = 0, marked = 0;
+    for (uint64_t steps = 0; steps <= r->capacity / SHMQ_FRAME_ALIGN; steps++) {
+        h = atomic_load_explicit(r->head_release, SEQ_CST);
+        if (h >= x || x - h > r->capacity)
+            break;
+        uint32_t state = atomic_load_explicit(frame_state(r, h), SEQ_CST);
+        if (state & SHMQ_FRAME_DONE) {
+            advance_release(r); /* released already: someone else's progress */
+            continue;
+        }
+        uint32_t len = atomic_load_explicit(frame_length(r, h), SEQ_CST);
+        if (atomic_load_explicit(r->head_release, SEQ_CST) != h)
+            continue; /* it moved on: what we read may be a later lap's */
+        uint64_t next;
+        uint32_t type, checked_len;
+        if (frame_at(r, h, x, &next, &type, &checked_len) != SHMQ_OK || checked_len != len)
+            break; /* damage: leave it to the readers, who report it */
+        /* SYNC: pairs with the seq_cst state load in advance_release(), as in shmq_release(). */
+        if (!atomic_compare_exchange_strong_explicit(frame_state(r, h), &state,
+                                                     state | SHMQ_FRAME_DONE, SEQ_CST, RELAXED))
+            continue;
+        marked++;
+        if (type == SHMQ_FRAME_MSG) {
+            messages++;
+            bytes += len;
+        }
+        advance_release(r);
+    }
+    /* They were taken (by the dead consumer): counted as got, and as lost with it. */
+    atomic_fetch_add_explicit(r->get_count, messages, RELAXED);
+    atomic_fetch_add_explicit(r->get_bytes, bytes, RELAXED);
+    atomic_fetch_add_explicit(r->dead_consumer_messages, messages, RELAXED);
+    wake_waiters(r->space_futex, r->space_wakes);
+    return marked > 0;
+}
+
+/* One recoverer at a time per ring; a dead recoverer's lock is taken over. */
+static int take_recover_lock(shmq_ring *r, uint64_t me)
+{
+    uint64_t holder = 0;
+    /* SYNC: acquire pairs with the release store that freed the lock: we see what the last
+     * recoverer wrote. */
+    if (atomic_compare_exchange_strong_explicit(r->recover_lock, &holder, me, ACQUIRE, RELAXED))
+        return 1;
+    if (holder == me || shmq_owner_alive(holder))
+        return 0;
+    return atomic_compare_exchange_strong_explicit(r->recover_lock, &holder, me, ACQUIRE, RELAXED);
+}
+
+int shmq_recover(shmq_ring *r, int64_t now_ns)
+{
+    if (!r->entry)
+        return 0; /* (an untracked handle could not name itself as the recoverer) */
+    /* Looking costs loads of cursor lines the other side is writing: in a busy hand-off that
+     * is a cache miss per wait. So look only every half interval: a stall is still seen
+     * within 1.5 intervals. */
+    if (now_ns < r->recover_next_ns)
+        return 0;
+    r->recover_next_ns = now_ns + SHMQ_RECOVER_AFTER_NS / 2;
+    int cleared = 0;
+    for (int side = SIDE_WRITE; side <= SIDE_READ; side++) {
+        if (side == SIDE_WRITE ? !r->multi_producer : !r->multi_consumer)
+            continue;
+        uint64_t cursor = atomic_load_explicit(side ? r->head_release : r->tail_commit, RELAXED);
+        uint64_t ahead = atomic_load_explicit(side ? r->head_claim : r->tail_claim, RELAXED);
+        if (cursor == ahead) {
+            r->stall_since[side] = 0;
+            continue;
+        }
+        if (r->stall_since[side] == 0 || r->stall_pos[side] != cursor) {
+            r->stall_pos[side] = cursor;
+            r->stall_since[side] = now_ns;
+            continue;
+        }
+        if (now_ns - r->stall_since[side] < SHMQ_RECOVER_AFTER_NS)
+            continue;
+        r->stall_since[side] = now_ns; /* look again after another interval, whatever happens */
+        uint64_t me = atomic_load_explicit(U64_AT(r->entry, SHMQ_ENTRY_OWNER), RELAXED);
+        if (!me || !take_recover_lock(r, me))
+            continue;
+        /* (a few rounds: dead claims may be split by deferred claims of live producers) */
+        for (int round = 0; round < 4; round++) {
+            int got = side == SIDE_WRITE ? recover_commits(r) : recover_reads(r);
+            cleared += got;
+            if (!got)
+                break;
+        }
+        /* SYNC: release pairs with the acquire CAS in take_recover_lock(). */
+        atomic_store_explicit(r->recover_lock, 0, RELEASE);
+    }
+    return cleared;
 }
 
 /* ------------------------------------------------------------------ */

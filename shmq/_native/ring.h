@@ -26,14 +26,21 @@
  *   896   u32 space_futex, u32 space_waiters, u64 put_waits, u64 space_wakes
  *   1024  u64 deferred_count    deferrals published and not yet committed
  *   1032  u64 deferred_total    claims ever handed over (statistics)
+ *   1040  u64 recover_lock      owner word of the process recovering a dead peer's claim (0: none)
+ *   1048  u64 dead_producer_claims  stalls recovered: dead producers' claims turned into padding
+ *   1056  u64 dead_producer_bytes   ring bytes those claims held
+ *   1064  u64 dead_consumer_messages  messages dead consumers had taken, released for them
  *   1152  16 deferred-commit slots of 64 bytes:
  *         u32 state (0 free, 1 writing, 2 ready, 3 taken), u32 zero,
  *         u64 start, u64 end, u64 count, u64 bytes
  *   2176  u64 untracked       handles attached without a table entry (it was full)
- *   2240  58 attachment entries of 32 bytes (who uses the ring: shmq ls, shmq gc):
+ *   2240  93 attachment entries of 64 bytes (who uses the ring: shmq ls, shmq gc, recovery):
  *         u64 owner (0 free; pid | process start time in clock ticks << 22),
- *         u32 role (1 creator, 2 user, 3 router), u32 zero, u64 attached_ns, u64 zero
- *   4096  data[capacity]
+ *         u32 role (1 creator, 2 user, 3 router), u32 flags (1: claims tracked),
+ *         u64 attached_ns, u64 write_pending, u64 read_pending, 24 bytes zero.
+ *         write_pending / read_pending: with flags & 1, a lower bound of the start of
+ *         every claim this handle holds on that side (SHMQ_NO_CLAIM when it holds none)
+ *   8192  data[capacity]
  *
  * Each hot word starts its own 128-byte block (two cache lines, so the
  * adjacent-line prefetcher cannot make producer and consumer lines share).
@@ -52,8 +59,8 @@
 #include <stdint.h>
 
 #define SHMQ_MAGIC 0x474E4952514D4853ull /* "SHMQRING" read as a little-endian u64 */
-#define SHMQ_VERSION 1u
-#define SHMQ_HEADER_SIZE 4096u
+#define SHMQ_VERSION 2u
+#define SHMQ_HEADER_SIZE 8192u
 #define SHMQ_FRAME_HEADER 8u
 #define SHMQ_FRAME_ALIGN 8u
 #define SHMQ_MIN_CAPACITY 64ull
@@ -89,10 +96,29 @@
 #define SHMQ_OFF_DEFERRED 1152
 #define SHMQ_DEFERRED_SLOTS 16
 #define SHMQ_DEFERRED_SLOT_SIZE 64
+#define SHMQ_OFF_RECOVER_LOCK 1040
+#define SHMQ_OFF_DEAD_PRODUCER_CLAIMS 1048
+#define SHMQ_OFF_DEAD_PRODUCER_BYTES 1056
+#define SHMQ_OFF_DEAD_CONSUMER_MESSAGES 1064
 #define SHMQ_OFF_UNTRACKED 2176
 #define SHMQ_OFF_ATTACH 2240
-#define SHMQ_ATTACH_SLOT_SIZE 32
-#define SHMQ_ATTACH_SLOTS 58
+#define SHMQ_ATTACH_SLOT_SIZE 64
+#define SHMQ_ATTACH_SLOTS 93
+/* Fields of an attachment entry (offsets inside it). */
+#define SHMQ_ENTRY_OWNER 0
+#define SHMQ_ENTRY_ROLE 8
+#define SHMQ_ENTRY_FLAGS 12
+#define SHMQ_ENTRY_ATTACHED_NS 16
+#define SHMQ_ENTRY_WRITE_PENDING 24
+#define SHMQ_ENTRY_READ_PENDING 32
+#define SHMQ_ENTRY_TRACKED 1u
+#define SHMQ_NO_CLAIM UINT64_MAX
+/* Claims one handle can hold at once with exact tracking (threads sharing a handle); beyond
+ * that its pending bound stays at the oldest until they are all handed over. */
+#define SHMQ_OPEN_CLAIMS 32
+/* A commit or release cursor that has not moved for this long, with claims beyond it, is
+ * checked for a dead owner (and recovered if it has one). */
+#define SHMQ_RECOVER_AFTER_NS 100000000LL
 
 enum shmq_kind { SHMQ_SPSC = 1, SHMQ_MPSC = 2, SHMQ_MPMC = 3 };
 
@@ -148,10 +174,22 @@ typedef struct shmq_ring {
     _Atomic uint64_t *get_waits, *put_waits, *data_wakes, *space_wakes;
     _Atomic uint32_t *data_futex, *data_waiters, *space_futex, *space_waiters;
     _Atomic uint64_t *deferred_count, *deferred_total;
+    _Atomic uint64_t *recover_lock, *dead_producer_claims, *dead_producer_bytes;
+    _Atomic uint64_t *dead_consumer_messages;
     /* Process-local caches of the other side's cursor. Cursors only grow, so a
      * stale value is conservative (less space, fewer frames), never unsafe. */
     _Atomic uint64_t cached_head;
     _Atomic uint64_t cached_tail;
+    /* Claim tracking (see shmq_track): this handle's attachment entry, or NULL. The rest is
+     * process-local bookkeeping; callers serialize claims and hand-overs per handle (the
+     * binding holds the GIL for them). Side 0 is writing, side 1 reading. */
+    uint8_t *entry;
+    uint32_t open_n[2], open_overflow[2];
+    uint64_t open_start[2][SHMQ_OPEN_CLAIMS];
+    /* When a stalled cursor was first seen at its value, and when to look next (shmq_recover). */
+    uint64_t stall_pos[2];
+    int64_t stall_since[2];
+    int64_t recover_next_ns;
 } shmq_ring;
 
 /* A claimed range of the ring: [start, end) holds `count` frames (plus at most
@@ -219,6 +257,18 @@ int shmq_condition_holds(shmq_ring *r, int condition, uint64_t arg);
 int64_t shmq_now_ns(void);
 /* Wakes every sleeper on both futex words (they re-check and may sleep again). */
 void shmq_wake_all(shmq_ring *r);
+
+/* Dead peers (docs/ARCHITECTURE.md, "Dead processes").
+ * shmq_track makes this handle publish its claims in attachment entry `index` (claimed by the
+ * caller with shmq_attach_claim), so recovery can tell them from a dead process's; -1 stops.
+ * shmq_recover checks, at most once per SHMQ_RECOVER_AFTER_NS of stall, whether the claim the
+ * commit cursor waits for (or the frame the release cursor waits for) belongs to a process that
+ * is gone, and if so turns the claim into padding (releases the frames). Returns how many
+ * stalls it cleared; 0 also when it has nothing to do or cannot be sure. */
+void shmq_track(shmq_ring *r, int index);
+int shmq_recover(shmq_ring *r, int64_t now_ns);
+/* Whether the process an owner word names runs (unknown counts as running). */
+int shmq_owner_alive(uint64_t owner);
 
 /* Observation (approximate while other processes run). */
 uint64_t shmq_depth_messages(shmq_ring *r);
