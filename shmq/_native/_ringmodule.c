@@ -1231,6 +1231,12 @@ static PyObject *Ring_track(RingObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *Ring_recover_now(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self, NULL);
+    return PyLong_FromLong(shmq_recover_now(&self->ring));
+}
+
 static PyObject *Ring_open_claims(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
     CHECK_OPEN(self, NULL);
@@ -1350,6 +1356,8 @@ static PyMethodDef Ring_methods[] = {
     {"_counters", (PyCFunction)Ring_counters, METH_NOARGS, "Raw counters and cursors."},
     {"_track", (PyCFunction)Ring_track, METH_O,
      "_track(index): publish this handle's claims in attachment entry index (-1: stop)."},
+    {"_recover_now", (PyCFunction)Ring_recover_now, METH_NOARGS,
+     "_recover_now() -> int: recover dead peers' claims now (see ARCHITECTURE); stalls cleared."},
     {"_open_claims", (PyCFunction)Ring_open_claims, METH_NOARGS,
      "_open_claims() -> (writes, reads): claims this handle holds, as tracked."},
     {"_close_ring", (PyCFunction)Ring_close, METH_NOARGS, "Stop using the mapping."},

@@ -1115,6 +1115,30 @@ static int take_recover_lock(shmq_ring *r, uint64_t me)
     return atomic_compare_exchange_strong_explicit(r->recover_lock, &holder, me, ACQUIRE, RELAXED);
 }
 
+/* Recovers what it can on one side, under the ring's recovery lock; returns the stalls cleared. */
+static int recover_side(shmq_ring *r, int side)
+{
+    uint64_t me = atomic_load_explicit(U64_AT(r->entry, SHMQ_ENTRY_OWNER), RELAXED);
+    if (!me || !take_recover_lock(r, me))
+        return 0;
+    int cleared = 0;
+    /* (a few rounds: dead claims may be split by deferred claims of live producers) */
+    for (int round = 0; round < 4; round++) {
+        int got = side == SIDE_WRITE ? recover_commits(r) : recover_reads(r);
+        cleared += got;
+        if (!got)
+            break;
+    }
+    /* SYNC: release pairs with the acquire CAS in take_recover_lock(). */
+    atomic_store_explicit(r->recover_lock, 0, RELEASE);
+    return cleared;
+}
+
+static int side_used(const shmq_ring *r, int side)
+{
+    return side == SIDE_WRITE ? r->multi_producer : r->multi_consumer;
+}
+
 int shmq_recover(shmq_ring *r, int64_t now_ns)
 {
     if (!r->entry)
@@ -1127,7 +1151,7 @@ int shmq_recover(shmq_ring *r, int64_t now_ns)
     r->recover_next_ns = now_ns + SHMQ_RECOVER_AFTER_NS / 2;
     int cleared = 0;
     for (int side = SIDE_WRITE; side <= SIDE_READ; side++) {
-        if (side == SIDE_WRITE ? !r->multi_producer : !r->multi_consumer)
+        if (!side_used(r, side))
             continue;
         uint64_t cursor = atomic_load_explicit(side ? r->head_release : r->tail_commit, RELAXED);
         uint64_t ahead = atomic_load_explicit(side ? r->head_claim : r->tail_claim, RELAXED);
@@ -1143,19 +1167,19 @@ int shmq_recover(shmq_ring *r, int64_t now_ns)
         if (now_ns - r->stall_since[side] < SHMQ_RECOVER_AFTER_NS)
             continue;
         r->stall_since[side] = now_ns; /* look again after another interval, whatever happens */
-        uint64_t me = atomic_load_explicit(U64_AT(r->entry, SHMQ_ENTRY_OWNER), RELAXED);
-        if (!me || !take_recover_lock(r, me))
-            continue;
-        /* (a few rounds: dead claims may be split by deferred claims of live producers) */
-        for (int round = 0; round < 4; round++) {
-            int got = side == SIDE_WRITE ? recover_commits(r) : recover_reads(r);
-            cleared += got;
-            if (!got)
-                break;
-        }
-        /* SYNC: release pairs with the acquire CAS in take_recover_lock(). */
-        atomic_store_explicit(r->recover_lock, 0, RELEASE);
+        cleared += recover_side(r, side);
     }
+    return cleared;
+}
+
+int shmq_recover_now(shmq_ring *r)
+{
+    if (!r->entry)
+        return 0;
+    int cleared = 0;
+    for (int side = SIDE_WRITE; side <= SIDE_READ; side++)
+        if (side_used(r, side))
+            cleared += recover_side(r, side);
     return cleared;
 }
 

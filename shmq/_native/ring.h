@@ -267,6 +267,8 @@ void shmq_wake_all(shmq_ring *r);
  * stalls it cleared; 0 also when it has nothing to do or cannot be sure. */
 void shmq_track(shmq_ring *r, int index);
 int shmq_recover(shmq_ring *r, int64_t now_ns);
+/* The same at once, without waiting for a stall to last (tests, tools). */
+int shmq_recover_now(shmq_ring *r);
 /* Whether the process an owner word names runs (unknown counts as running). */
 int shmq_owner_alive(uint64_t owner);
 
