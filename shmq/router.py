@@ -727,7 +727,7 @@ class _RouterCore:
                 for rule in self.acl.rules_for(peer, "publish")
             ]
             reply["acl_source"] = self.acl.source
-        link.send(reply)
+        _send_reply(link, reply)
         log.info(
             "bus %r: publisher %d (pid %d) attached %s as uid %d", self.bus, pub.id, pid, ring_name, peer.uid
         )
@@ -892,7 +892,7 @@ class _RouterCore:
             reply["first_seq"] = first_seq
         if state is not None:
             reply["durable_state"] = str(state.path)
-        link.send(reply)
+        _send_reply(link, reply)
         log.info(
             "bus %r: subscriber %d (pid %d) %s on %s as uid %d",
             self.bus,
@@ -1068,6 +1068,13 @@ def _describe(sub: _Subscriber) -> bytes:
         info["where"] = (sub.where or "")[:60] + "..."
         raw = json.dumps(info, separators=(",", ":")).encode()[: SUBSCRIBER_DESCRIPTION_MAX - 1]
     return raw
+
+
+def _send_reply(link: LineSocket, reply: dict[str, Any]) -> None:
+    """Answer a hello. A client that died or hung up meanwhile is not the router's failure (it
+    used to take the router down with it): its link reads EOF next, and that removes it."""
+    with contextlib.suppress(OSError):
+        link.send(reply)
 
 
 def _ring_counters(segment: Segment) -> tuple[int, int, int]:
@@ -1247,6 +1254,9 @@ def _child_main(argv: list[str]) -> None:
     try:
         serve(bus, ready=ready, **options)
     except BaseException as exc:
+        if report.closed and isinstance(exc, Exception):
+            # After "ready" nobody reads the pipe: the log is the only place left to say it.
+            log.critical("bus %r: the router stopped on an error", bus, exc_info=exc)
         with contextlib.suppress(Exception):
             report.write(f"error {type(exc).__name__} {exc}\n".replace("\n", " ").rstrip() + "\n")
             report.close()
