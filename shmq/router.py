@@ -159,6 +159,9 @@ class _Redelivery:
     segment: Segment
     ring_name: str
     group: tuple[str, tuple[str, ...], str | None]
+    #: its subscriber slot, kept (state draining) until the ring is empty: a router that starts
+    #: after this one died or stopped finds the ring there and redelivers what is left
+    slot: int
 
 
 class _RouterCore:
@@ -195,6 +198,7 @@ class _RouterCore:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.listener = self._bind()
+        self.left_members: list[tuple[int, dict[str, Any]]] = []  # (see _create_bus_segment)
         try:
             self.segment = self._create_bus_segment()
         except BaseException:
@@ -228,6 +232,7 @@ class _RouterCore:
         self.forward_thread: threading.Thread | None = None
         self.awaiting: set[str] = set()  # subscriber rings expected to reconnect (see serve)
         self.forward_error: BaseException | None = None
+        self._adopt_left_members()
 
     # -- set-up and tear-down ------------------------------------------------------------------
 
@@ -310,6 +315,7 @@ class _RouterCore:
         with contextlib.suppress(NotFound, ShmqError):
             old = _bus.open_bus_segment(self.bus)
             pid, started = _bus.u64(old.mapping, OFF_ROUTER_PID), _bus.u64(old.mapping, OFF_STARTED_NS)
+            self.left_members = _group_members_in(old.mapping)
             old.close()
             state = "alive?" if _bus.router_alive(pid, started) else "dead"
             log.warning("bus %r: replacing the bus segment left by router pid %d (%s)", self.bus, pid, state)
@@ -964,14 +970,64 @@ class _RouterCore:
             input_id = self._new_id()
             self.forwarder.add_input(input_id, sub.segment.mapping, -1)
             self.forwarder.set_input_target(input_id, (None, list(grp.members), True, POLICIES["block"]))
-            self.redeliveries[input_id] = _Redelivery(input_id, sub.segment, sub.ring_name, key)
+            self.redeliveries[input_id] = _Redelivery(input_id, sub.segment, sub.ring_name, key, sub.slot)
             grp.orphans.append(input_id)
-            if not grp.members and not grp.orphans:
-                self._forget_group(key)
-        self._free_sub_slot(sub.slot)
+            put_u32(self.segment.mapping, self._sub_slot_offset(sub.slot), SLOT_DRAINING)
+        if sub.group is None:
+            self._free_sub_slot(sub.slot)
         if sub.state is not None:
             sub.state.close()
         log.info("bus %r: subscriber %d left (%s)", self.bus, sub.id, "closed" if alive else "died")
+
+    def _adopt_left_members(self) -> None:
+        """Group members the last router knew that are gone now (they died while no router ran, or
+        the last router stopped while it was redelivering what they left): their rings become
+        redelivery inputs, as if they had just left, so the group gets what they had not taken."""
+        for pid, info in self.left_members:
+            ring_name = info["ring"]
+            if _pid_alive(pid) or not self.free_sub_slots:
+                continue  # (a live member says hello again)
+            try:
+                segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
+            except ShmqError:
+                continue  # removed meanwhile (its process closed it, or shmq gc)
+            try:
+                segment.register(_attach.ROLE_ROUTER)
+                patterns = tuple(validate_pattern(p) for p in info["patterns"])
+                where = info["where"]
+                key = (
+                    str(info["group"]),
+                    tuple(sorted(set(patterns))),
+                    str(compile_filter(where)) if where else None,
+                )
+                grp = self.groups.get(key)
+                if grp is None:
+                    program = encode_filter(compile_filter(where)) if where is not None else None
+                    grp = self.groups[key] = _Group(key, program, info["on_full"])
+                    for pattern in key[1]:
+                        self.index.add(pattern, key)
+                input_id = self._new_id()
+                self.forwarder.add_input(input_id, segment.mapping, -1)
+            except (ShmqError, KeyError, TypeError, ValueError) as exc:
+                log.warning(
+                    "bus %r: cannot take over the ring %s a group member left: %s", self.bus, ring_name, exc
+                )
+                segment.close()
+                continue
+            self.forwarder.set_input_target(input_id, (None, list(grp.members), True, POLICIES["block"]))
+            slot = self.free_sub_slots.pop()
+            off = self._sub_slot_offset(slot)
+            m = self.segment.mapping
+            m[off : off + SUBSCRIBER_SLOT] = bytes(SUBSCRIBER_SLOT)
+            put_u32(m, off + 4, pid)
+            put_u32(m, off + 8, POLICIES[grp.on_full])
+            raw = json.dumps(info, separators=(",", ":")).encode()
+            m[off + SUBSCRIBER_DESCRIPTION : off + SUBSCRIBER_DESCRIPTION + len(raw)] = raw
+            put_u32(m, off, SLOT_DRAINING)
+            self.redeliveries[input_id] = _Redelivery(input_id, segment, ring_name, key, slot)
+            grp.orphans.append(input_id)
+            self._reroute(key[1])
+            log.info("bus %r: redelivering what group member pid %d left in %s", self.bus, pid, ring_name)
 
     def _forget_group(self, key: tuple[str, tuple[str, ...], str | None]) -> None:
         for pattern in key[1]:
@@ -1029,6 +1085,7 @@ class _RouterCore:
                 redelivery.segment.close()
                 with contextlib.suppress(NotFound):
                     Segment.unlink(redelivery.ring_name)
+                self._free_sub_slot(redelivery.slot)
 
     def _forget_publisher(self, pub: _Publisher) -> None:
         self.forwarder.remove_input(pub.id)
@@ -1053,6 +1110,29 @@ class _RouterCore:
 
     def _slot_state(self, pub: _Publisher, state: int) -> None:
         put_u32(self.segment.mapping, self._pub_slot_offset(pub.slot), state)
+
+
+def _group_members_in(mapping: Any) -> list[tuple[int, dict[str, Any]]]:
+    """(pid, description) of every group member an old bus segment lists (live or draining), when
+    the description is whole (a long filter is cut short there, and then the group is unknown)."""
+    found = []
+    subs, count = _bus.u64(mapping, OFF_SUBSCRIBERS), _bus.u32(mapping, OFF_MAX_SUBSCRIBERS)
+    for i in range(count):
+        off = subs + i * SUBSCRIBER_SLOT
+        if off + SUBSCRIBER_SLOT > len(mapping) or _bus.u32(mapping, off) not in (SLOT_LIVE, SLOT_DRAINING):
+            continue
+        raw = bytes(mapping[off + SUBSCRIBER_DESCRIPTION : off + SUBSCRIBER_SLOT]).split(b"\0", 1)[0]
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            continue
+        if (
+            isinstance(info, dict)
+            and info.get("group") is not None
+            and len(raw) < SUBSCRIBER_DESCRIPTION_MAX - 1
+        ):
+            found.append((_bus.u32(mapping, off + 4), info))
+    return found
 
 
 def _describe(sub: _Subscriber) -> bytes:

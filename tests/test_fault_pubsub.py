@@ -25,9 +25,9 @@ Each test runs several iterations; each iteration starts fresh publisher and sub
 5. after each test every process has ended and, once `shmq gc --yes` ran for the bus, no segment
    of the test is left (before it, only rings of processes the test SIGKILLed may be).
 
-At the end, the faults these found, each as the smallest test that shows it: a client killed
-between its hello and the router's answer used to kill the router (fixed); a group member that
-dies while no router runs loses its unread messages (still open: xfail(strict=True)).
+At the end, the faults these found, each as the smallest test that shows it (both fixed): a client
+killed between its hello and the router's answer killed the router; a group member that died while
+no router ran lost its unread messages.
 
 Every wait is bounded; nothing measures time. The seed is printed in every assertion message:
 ``SHMQ_FAULT_SEED=<seed>`` replays the same random choices (the timing of the processes is the
@@ -921,17 +921,12 @@ def freeze_once(
 # -- double faults: a client dies while no router runs ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (docs): a queue-group member that dies while no router runs loses its unread messages: "
-    "the next router adopts only the rings of live subscribers (_returning_subscribers), so the dead "
-    "member's ring is never read for redelivery (and stays until `shmq gc`)",
-)
 def test_group_member_dying_while_no_router_runs_has_its_messages_redelivered(h: Harness, seed: int) -> None:
     """ARCHITECTURE.md, "Queue groups" and the failure table: a member that leaves or dies has its
-    unread messages redelivered to the others. Here it dies while no router runs: member A (frozen,
-    so its half of the messages waits in its ring) and the router are SIGKILLed, then a new router
-    starts and member B reconnects. A's unread messages should reach B; none does."""
+        unread messages redelivered to the others. Here it dies while no router runs: member A (frozen,
+        so its half of the messages waits in its ring) and the router are SIGKILLed, then a new router
+        starts and member B reconnects. A's unread messages reach B: the new router finds A in the
+    old bus segment's slots and takes its ring over as a redelivery input."""
     tag = f"seed {seed}"
     topics = ["dd.a"]
     router = h.start_router()
