@@ -41,6 +41,7 @@ from shmq._errors import (
     InvalidArgument,
     InvalidFilter,
     InvalidTopic,
+    MessageDecodeError,
     NotFound,
     RouterUnavailable,
     ShmqError,
@@ -855,8 +856,15 @@ def sub_command(
                         code = EXIT_FAILED
                     break
                 for msg in batch:
-                    sys.stdout.write(formatter(msg, now - msg.timestamp_ns) + "\n")
-                    sys.stdout.flush()
+                    try:
+                        line = formatter(msg, now - msg.timestamp_ns)
+                    except MessageDecodeError as exc:
+                        # (one damaged message from a broken publisher does not end the stream)
+                        line = ""
+                        click.echo(f"shmq sub: {msg.topic} seq={msg.seq}: skipped, {exc}", err=True)
+                    if line:
+                        sys.stdout.write(line + "\n")
+                        sys.stdout.flush()
                     received += 1
                     if durable is not None and msg.log_seq:
                         msg.ack()  # printed: acknowledged

@@ -841,3 +841,41 @@ def test_decode_record_on_random_bodies(body: bytes) -> None:
     with contextlib.suppress(shmq.CorruptSegment):
         entry = decode_record(5, 6, 1, 64, body)
         assert entry.data == body[len(body) - len(entry.data) :]
+
+
+@pytest.mark.timeout(120)
+def test_shmq_sub_skips_a_message_whose_headers_are_not_text(fuzz_bus: str) -> None:
+    """A hostile publisher's message whose header text is not UTF-8 reaches `shmq sub` (the router
+    checks structure only): the CLI says on stderr that it skipped it, and prints the next one
+    (it used to end the stream with MessageDecodeError)."""
+    blob = bytearray(encode_headers({"k": "vv"}))
+    blob[blob.rindex(b"vv") : blob.rindex(b"vv") + 2] = b"\xff\xfe"
+    topic = b"fz.dec"
+    frame = MSG.pack(0, len(topic), len(blob), 7, 0, 1, 0, 0) + topic + bytes(blob) + b"bad"
+    before = len(shmq.bus_stats(fuzz_bus).subscribers)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "shmq.cli", "sub", fuzz_bus, "fz.dec", "--count", "2", "--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert wait_until(lambda: len(shmq.bus_stats(fuzz_bus).subscribers) > before, WAIT_S)
+        with shmq.Publisher(fuzz_bus) as good:
+            bad = shmq.Publisher(fuzz_bus)
+            try:
+                bad._ring.put(frame, timeout=1)
+                assert wait_until(lambda: settled(fuzz_bus, bad), WAIT_S)
+                good.publish("fz.dec", b"good", timeout=WAIT_S)
+                out, err = sub.communicate(timeout=60)
+            finally:
+                bad.close()
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait(5)
+    assert sub.returncode == 0, err
+    assert "fz.dec seq=1: skipped" in err and "not" in err, err
+    assert out.splitlines()[-1].endswith("good"), out
