@@ -198,6 +198,80 @@ def test_a_dead_recoverers_lock_is_taken_over_a_live_ones_is_not(name: str, tmp_
         q.close()
 
 
+def _slot(mapping: Any, i: int) -> tuple[int, int]:
+    """(state, start) of deferred-commit slot i."""
+    off = _ring.OFF_DEFERRED + i * _ring.DEFERRED_SLOT_SIZE
+    state, _, start = struct.unpack_from("<IIQ", mapping, off)
+    return state, start
+
+
+def _set_slot(mapping: Any, i: int, state: int, start: int | None = None) -> None:
+    off = _ring.OFF_DEFERRED + i * _ring.DEFERRED_SLOT_SIZE
+    struct.pack_into("<I", mapping, off, state)
+    if start is not None:
+        struct.pack_into("<Q", mapping, off + 8, start)
+
+
+def _dead_entry(mapping: Any) -> int:
+    """An attachment entry whose owner is dead (this pid with another start time): 1 + its index,
+    as a slot state carries it."""
+    me = _attach.identity(os.getpid())
+    assert me
+    index = _ring.attach_claim(mapping, me + (1 << 22), _attach.ROLE_USER, 0)
+    assert index >= 0
+    return index + 1
+
+
+def _ghost_claim(mapping: Any, size: int) -> int:
+    """A claim of `size` ring bytes by a producer that died at once: where it starts."""
+    at = int(struct.unpack_from("<Q", mapping, _ring.OFF_TAIL_CLAIM)[0])
+    struct.pack_into("<Q", mapping, _ring.OFF_TAIL_CLAIM, at + size)
+    return at
+
+
+WRITING, READY, TAKEN = 1, 2, 3  # deferred-commit slot states (ring.c)
+
+
+def test_a_slot_a_dead_committer_had_taken_is_committed(name: str) -> None:
+    """A process committing someone else's deferred claim died between taking its slot and the
+    commit: the claim (complete: its put returned) is made ready again and delivered."""
+    q = shmq.Queue(name, create=True, kind="mpsc", capacity=4096, wait="block")
+    m = q._segment.mapping
+    try:
+        at = _ghost_claim(m, 16)
+        q.put(b"handed over", timeout=0)  # deferred behind the ghost
+        (i,) = [i for i in range(_ring.DEFERRED_SLOTS) if _slot(m, i) == (READY, at + 16)]
+        # The dead committer: it committed the ghost's claim (as padding), took the slot, died.
+        struct.pack_into("<II", m, _ring.HEADER_SIZE + at, 8, _ring.FRAME_PAD)
+        struct.pack_into("<Q", m, _ring.OFF_TAIL_COMMIT, at + 16)
+        _set_slot(m, i, TAKEN | _dead_entry(m) << 8)
+        assert q.get(timeout=RECOVERED_WITHIN_S) == b"handed over"
+        assert _slot(m, i)[0] == 0 and q.stats().messages_put == 1
+    finally:
+        q.close()
+
+
+def test_a_slot_a_dead_producer_was_filling_is_freed_and_its_claim_padded(name: str) -> None:
+    """A producer died while handing its claim over (slot WRITING, tagged with its entry): the slot
+    is freed and the claim padded. The same slot tagged with a live process is left alone."""
+    q = shmq.Queue(name, create=True, kind="mpsc", capacity=4096, wait="block")
+    m = q._segment.mapping
+    try:
+        at = _ghost_claim(m, 24)
+        registration = q._segment.registration
+        assert registration is not None
+        _set_slot(m, 15, WRITING | (registration.index + 1) << 8, at)  # "live": this process
+        q.put(b"behind", timeout=0)
+        with pytest.raises(shmq.Empty):
+            q.get(timeout=0.6)
+        assert q.stats().dead_producer_claims == 0
+        _set_slot(m, 15, WRITING | _dead_entry(m) << 8)
+        assert q.get(timeout=RECOVERED_WITHIN_S) == b"behind"
+        assert _slot(m, 15)[0] == 0 and q.stats().dead_producer_claims == 1
+    finally:
+        q.close()
+
+
 # -- consumers ---------------------------------------------------------------------------------
 
 

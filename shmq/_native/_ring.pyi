@@ -43,6 +43,9 @@ ATTACH_SLOT_SIZE: int
 ATTACH_SLOTS: int
 OFF_RECOVER_LOCK: int
 RECOVER_AFTER_NS: int
+OFF_DEFERRED: int
+DEFERRED_SLOTS: int
+DEFERRED_SLOT_SIZE: int
 
 def attach_claim(buffer: Buffer, owner: int, role: int, now_ns: int, /) -> int:
     """Claim a free attachment entry for `owner`: its index, or -1 if the table is full."""

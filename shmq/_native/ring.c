@@ -78,6 +78,7 @@ int shmq_format(uint8_t *base, uint64_t size, uint32_t kind, uint64_t capacity,
 int shmq_attach(shmq_ring *r, uint8_t *base, uint64_t size)
 {
     memset(r, 0, sizeof(*r));
+    r->entry_index = -1; /* untracked until shmq_track */
     if (size < SHMQ_HEADER_SIZE)
         return SHMQ_BAD_SIZE;
     uint64_t magic = atomic_load_explicit(U64_AT(base, SHMQ_OFF_MAGIC), ACQUIRE);
@@ -278,8 +279,10 @@ void shmq_track(shmq_ring *r, int index)
     r->recover_next_ns = 0;
     if (index < 0 || index >= SHMQ_ATTACH_SLOTS) {
         r->entry = NULL;
+        r->entry_index = -1;
         return;
     }
+    r->entry_index = index;
     r->entry = r->base + SHMQ_OFF_ATTACH + (size_t)index * SHMQ_ATTACH_SLOT_SIZE;
     atomic_store_explicit(pending_word(r, SIDE_WRITE), SHMQ_NO_CLAIM, RELAXED);
     atomic_store_explicit(pending_word(r, SIDE_READ), SHMQ_NO_CLAIM, RELAXED);
@@ -525,6 +528,14 @@ static inline _Atomic uint64_t *slot_field(const shmq_ring *r, int i, int field)
 }
 
 enum { SLOT_FREE = 0, SLOT_WRITING = 1, SLOT_READY = 2, SLOT_TAKEN = 3 };
+/* WRITING and TAKEN carry, above the low byte, 1 + the attachment entry of the handle that set
+ * them (0: unknown, an untracked handle): recovery can then tell a slot whose writer or taker
+ * died from one in use (sweep_dead_slots). */
+#define SLOT_KIND(state) ((state) & 0xffu)
+static inline uint32_t slot_tag(const shmq_ring *r, uint32_t kind)
+{
+    return kind | (uint32_t)(r->entry_index + 1) << 8;
+}
 enum { FIELD_START = 0, FIELD_END = 1, FIELD_COUNT = 2, FIELD_BYTES = 3 };
 
 /* Makes [start, end) readable. Caller holds the commit turn (tail_commit == start). */
@@ -553,8 +564,8 @@ static void run_deferred(shmq_ring *r)
                 atomic_load_explicit(slot_field(r, i, FIELD_START), RELAXED) != t)
                 continue;
             uint32_t expected = SLOT_READY;
-            if (!atomic_compare_exchange_strong_explicit(slot_state(r, i), &expected, SLOT_TAKEN,
-                                                         SEQ_CST, RELAXED))
+            if (!atomic_compare_exchange_strong_explicit(slot_state(r, i), &expected,
+                                                         slot_tag(r, SLOT_TAKEN), SEQ_CST, RELAXED))
                 continue;
             /* Taken: re-check, the slot may have been reused between our reads. */
             if (atomic_load_explicit(slot_field(r, i, FIELD_START), RELAXED) != t ||
@@ -596,7 +607,7 @@ int shmq_defer_commit(shmq_ring *r, const shmq_span *span, int abandon)
     int i;
     for (i = 0; i < SHMQ_DEFERRED_SLOTS; i++) {
         uint32_t expected = SLOT_FREE;
-        if (atomic_compare_exchange_strong_explicit(slot_state(r, i), &expected, SLOT_WRITING,
+        if (atomic_compare_exchange_strong_explicit(slot_state(r, i), &expected, slot_tag(r, SLOT_WRITING),
                                                     ACQUIRE, RELAXED))
             break;
     }
@@ -988,6 +999,39 @@ static int live_bound(shmq_ring *r, int side, uint64_t floor, uint64_t *bound)
 }
 
 /*
+ * Deferred-commit slots that a process left mid-way when it died (the tag names its entry, and
+ * that entry's owner is gone). WRITING: it was handing over its own claim, which the caller pads
+ * as any dead claim; the slot is freed. TAKEN: it was committing someone else's handed-over claim
+ * (complete, READY before it took it): at the commit cursor it is made READY again, to be
+ * committed; below it (published, not yet freed) it is freed. Caller holds the recovery lock;
+ * p is tail_commit. (A dead writer may leave deferred_count one too high: commits then look at
+ * the slots once more than needed, nothing worse.)
+ */
+static void sweep_dead_slots(shmq_ring *r, uint64_t p)
+{
+    for (int i = 0; i < SHMQ_DEFERRED_SLOTS; i++) {
+        uint32_t state = atomic_load_explicit(slot_state(r, i), SEQ_CST);
+        uint32_t kind = SLOT_KIND(state), index = state >> 8;
+        if ((kind != SLOT_WRITING && kind != SLOT_TAKEN) || index == 0 || index > SHMQ_ATTACH_SLOTS)
+            continue;
+        uint8_t *e = r->base + SHMQ_OFF_ATTACH + (size_t)(index - 1) * SHMQ_ATTACH_SLOT_SIZE;
+        uint64_t owner = atomic_load_explicit(U64_AT(e, SHMQ_ENTRY_OWNER), ACQUIRE);
+        if (owner && shmq_owner_alive(owner))
+            continue; /* in use (or the entry went to a live process since: left alone) */
+        uint64_t start = atomic_load_explicit(slot_field(r, i, FIELD_START), RELAXED);
+        uint32_t next = SLOT_FREE;
+        if (kind == SLOT_TAKEN && start == p)
+            next = SLOT_READY;
+        else if (kind == SLOT_TAKEN && start > p)
+            continue; /* (cannot be: taken only at its turn) */
+        /* SYNC: seq_cst as every slot state change (pairs with the loads in run_deferred()). */
+        if (atomic_compare_exchange_strong_explicit(slot_state(r, i), &state, next, SEQ_CST, RELAXED) &&
+            kind == SLOT_TAKEN && next == SLOT_FREE)
+            atomic_fetch_sub_explicit(r->deferred_count, 1, RELAXED);
+    }
+}
+
+/*
  * The commit cursor P waits for a claim. Every claim in [P, S) belongs to a dead process, where
  * S is the lowest of: a live handle's bound, a deferred claim's start, the claim cursor. Why:
  * a claim [a, b) with a < S was made by a CAS that our acquire load of tail_claim follows, so
@@ -1006,6 +1050,7 @@ static int recover_commits(shmq_ring *r)
     uint64_t s = t;
     if (!live_bound(r, SIDE_WRITE, p, &s))
         return 0;
+    sweep_dead_slots(r, p);
     for (int i = 0; i < SHMQ_DEFERRED_SLOTS; i++) {
         /* SYNC: seq_cst pairs with the READY store in shmq_defer_commit() (the fields). */
         uint32_t state = atomic_load_explicit(slot_state(r, i), SEQ_CST);
@@ -1016,7 +1061,7 @@ static int recover_commits(shmq_ring *r)
             continue; /* (an older use's start, below P, while a slot is being filled) */
         if (start == p) {
             if (state != SLOT_READY)
-                return 0; /* being handed over or committed right now: not dead */
+                return 0; /* being handed over or committed right now, by a live process */
             run_deferred(r); /* its turn came: commit it (a wake that went missing) */
             wake_waiters(r->data_futex, r->data_wakes);
             return 0;

@@ -31,7 +31,8 @@
  *   1056  u64 dead_producer_bytes   ring bytes those claims held
  *   1064  u64 dead_consumer_messages  messages dead consumers had taken, released for them
  *   1152  16 deferred-commit slots of 64 bytes:
- *         u32 state (0 free, 1 writing, 2 ready, 3 taken), u32 zero,
+ *         u32 state (low byte: 0 free, 1 writing, 2 ready, 3 taken; writing and taken
+ *         carry 1 + the setter's attachment entry in the bits above), u32 zero,
  *         u64 start, u64 end, u64 count, u64 bytes
  *   2176  u64 untracked       handles attached without a table entry (it was full)
  *   2240  93 attachment entries of 64 bytes (who uses the ring: shmq ls, shmq gc, recovery):
@@ -184,6 +185,7 @@ typedef struct shmq_ring {
      * process-local bookkeeping; callers serialize claims and hand-overs per handle (the
      * binding holds the GIL for them). Side 0 is writing, side 1 reading. */
     uint8_t *entry;
+    int entry_index;
     uint32_t open_n[2], open_overflow[2];
     uint64_t open_start[2][SHMQ_OPEN_CLAIMS];
     /* When a stalled cursor was first seen at its value, and when to look next (shmq_recover). */
