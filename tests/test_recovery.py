@@ -24,6 +24,7 @@ import pytest
 import shmq
 from shmq import _attach
 from shmq._native import _ring
+from shmq._segment import read_info
 from shmq.testing import segment_exists
 from tests import _recovery_workers as rw
 from tests import _workers as w
@@ -268,6 +269,27 @@ def test_a_slot_a_dead_producer_was_filling_is_freed_and_its_claim_padded(name: 
         _set_slot(m, 15, WRITING | _dead_entry(m) << 8)
         assert q.get(timeout=RECOVERED_WITHIN_S) == b"behind"
         assert _slot(m, 15)[0] == 0 and q.stats().dead_producer_claims == 1
+    finally:
+        q.close()
+
+
+def test_closing_a_handle_with_a_claim_open_keeps_its_entry(name: str) -> None:
+    """A handle closed while one of its put_views is still open keeps its attachment entry (its
+    claim bound in it): recovery must go on seeing that a live process holds that claim."""
+    q = shmq.Queue(name, create=True, kind="mpsc", capacity=4096, wait="block")
+    other = shmq.Queue(name)
+    try:
+        mine = [a for a in read_info(name).attached if a.pid == os.getpid()]
+        view = other.put_view(8, timeout=0)
+        other.close()
+        assert [a for a in read_info(name).attached if a.pid == os.getpid()] == mine
+        q.put(b"behind", timeout=0)
+        with pytest.raises(shmq.Empty):
+            q.get(timeout=0.6)  # the open claim is a live process's: nothing is recovered
+        assert q.stats().dead_producer_claims == 0
+        view.commit()
+        assert q.get(timeout=1) == bytes(8)
+        assert q.get(timeout=1) == b"behind"
     finally:
         q.close()
 
