@@ -292,3 +292,21 @@ def settle(bus: str, timeout: float = 5.0) -> None:
         return not stats.publishers and not stats.subscribers and bus_segments(bus) == [f"bus.{bus}"]
 
     wait_until(idle, timeout, interval=0.02)
+
+
+def settle_live(bus: str, timeout: float = 5.0) -> None:
+    """`settle`, except that the rings of dead processes (crashed or killed children, which no
+    router will hear from again) do not count: wait until every live client has left and the
+    router has removed what they left behind."""
+
+    def idle() -> bool:
+        try:
+            stats = shmq.bus_stats(bus)
+        except shmq.NotFound:
+            return True
+        if stats.publishers or stats.subscribers:
+            return False
+        owners = [ring_owner(bus, n) for n in bus_segments(bus)]
+        return not any(pid is not None and psutil.pid_exists(pid) for pid in owners)
+
+    wait_until(idle, timeout, interval=0.02)

@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 import shmq
@@ -116,7 +115,7 @@ class Harness:
     def stop_router(self, router: shmq.Router) -> None:
         """Stop it once its clients are gone and it removed what they left (else the leak check
         would blame the test for rings the router was about to remove)."""
-        settle(self.bus)
+        pw.settle_live(self.bus)
         router.stop()
 
     def close(self) -> None:
@@ -137,23 +136,6 @@ def h(tmp_path: Path) -> Iterator[Harness]:
         yield harness
     finally:
         harness.close()
-
-
-def settle(bus: str, timeout: float = 5.0) -> None:
-    """Wait until the router lists no client and every ring of a live process is gone (rings of
-    dead processes the router never heard of are gc's, checked by `assert_no_leak`)."""
-
-    def idle() -> bool:
-        try:
-            stats = shmq.bus_stats(bus)
-        except shmq.NotFound:
-            return True
-        if stats.publishers or stats.subscribers:
-            return False
-        owners = [pw.ring_owner(bus, n) for n in pw.bus_segments(bus)]
-        return not any(pid is not None and psutil.pid_exists(pid) for pid in owners)
-
-    wait_until(idle, timeout, interval=0.02)
 
 
 def assert_no_leak(h: Harness, tag: str) -> None:

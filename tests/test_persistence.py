@@ -62,24 +62,6 @@ def bus(killed: set[int]) -> Iterator[str]:
         yield name
 
 
-def settle(bus: str, timeout: float = 5.0) -> None:
-    """pw.settle, except that the rings of dead processes (crashed or killed children, which no
-    router will hear from again) do not count: wait until every live client has left and the router
-    has removed what they left behind."""
-
-    def idle() -> bool:
-        try:
-            stats = shmq.bus_stats(bus)
-        except shmq.NotFound:
-            return True
-        if stats.publishers or stats.subscribers:
-            return False
-        owners = [pw.ring_owner(bus, n) for n in pw.bus_segments(bus)]
-        return not any(pid is not None and psutil.pid_exists(pid) for pid in owners)
-
-    wait_until(idle, timeout, interval=0.02)
-
-
 class Routers:
     """The routers a test starts on its bus (several: restarts); all stopped at the end."""
 
@@ -93,7 +75,7 @@ class Routers:
         return router
 
     def stop_last(self) -> None:
-        settle(self.bus)
+        pw.settle_live(self.bus)
         self.made[-1].stop()
 
     def close(self) -> None:
@@ -102,7 +84,7 @@ class Routers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(router.pid, signal.SIGCONT)  # (a test that failed with it frozen)
         if any(r.is_alive() for r in self.made):
-            settle(self.bus)
+            pw.settle_live(self.bus)
         for router in self.made:
             router.stop()
 
@@ -868,7 +850,7 @@ def test_a_full_disk_fails_publish_cleanly_and_loses_nothing(
                 publish_counters(pub, "fd.t", range(published, published + 50), pad=100)
                 published += 50
                 assert shmq.bus_stats(bus).log_error == 0
-            settle(bus)
+            pw.settle_live(bus)
         finally:
             if router.is_alive():
                 router.terminate()

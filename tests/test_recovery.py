@@ -56,6 +56,14 @@ def wait_file(path: Path, procs: list[Any]) -> None:
         time.sleep(0.005)
 
 
+def stop_stopped(proc: Any) -> None:
+    """End a worker the test may have left SIGSTOPped (a stopped process ignores SIGKILL's
+    reaping until continued)."""
+    if proc.pid is not None and proc.is_alive():
+        os.kill(proc.pid, signal.SIGCONT)
+    w.stop_all([proc])
+
+
 def kill(proc: Any) -> None:
     proc.kill()
     proc.join(5)
@@ -143,9 +151,7 @@ def test_stopped_producer_holding_a_claim_is_left_alone(name: str, tmp_path: Pat
         assert holder.exitcode == 0
         assert q.stats().dead_producer_claims == 0
     finally:
-        if holder.pid is not None and holder.is_alive():
-            os.kill(holder.pid, signal.SIGCONT)
-        w.stop_all([holder])
+        stop_stopped(holder)
         q.close()
 
 
@@ -356,9 +362,7 @@ def test_stopped_consumer_holding_a_view_is_left_alone(name: str, tmp_path: Path
         q.put(bytes(500), timeout=RECOVERED_WITHIN_S)
         assert q.stats().dead_consumer_messages == 1
     finally:
-        if holder.pid is not None and holder.is_alive():
-            os.kill(holder.pid, signal.SIGCONT)
-        w.stop_all([holder])
+        stop_stopped(holder)
         q.close()
 
 

@@ -999,6 +999,24 @@ static int live_bound(shmq_ring *r, int side, uint64_t floor, uint64_t *bound)
 }
 
 /*
+ * What may be dead on `side`: [*from, *to) from the cursor that waits (tail_commit, head_release)
+ * to the claim cursor, cut at the lowest bound of a live handle above it. 0 when nothing is
+ * claimed, the cursors are damaged, or a live handle may hold the claim at *from.
+ */
+static int dead_range(shmq_ring *r, int side, uint64_t *from, uint64_t *to)
+{
+    uint64_t lo = atomic_load_explicit(side == SIDE_WRITE ? r->tail_commit : r->head_release, SEQ_CST);
+    /* SYNC: acquire (seq_cst) pairs with the release claim CAS in shmq_claim() / shmq_read():
+     * the bound a claimer stored before its CAS is visible for every claim below this. */
+    uint64_t hi = atomic_load_explicit(side == SIDE_WRITE ? r->tail_claim : r->head_claim, SEQ_CST);
+    if (lo == hi || hi - lo > r->capacity || (lo | hi) % SHMQ_FRAME_ALIGN)
+        return 0;
+    *from = lo;
+    *to = hi;
+    return live_bound(r, side, lo, to);
+}
+
+/*
  * Deferred-commit slots that a process left mid-way when it died (the tag names its entry, and
  * that entry's owner is gone). WRITING: it was handing over its own claim, which the caller pads
  * as any dead claim; the slot is freed. TAKEN: it was committing someone else's handed-over claim
@@ -1042,13 +1060,8 @@ static void sweep_dead_slots(shmq_ring *r, uint64_t p)
  */
 static int recover_commits(shmq_ring *r)
 {
-    uint64_t p = atomic_load_explicit(r->tail_commit, SEQ_CST);
-    /* SYNC: acquire (seq_cst) pairs with the release claim CAS in shmq_claim(). */
-    uint64_t t = atomic_load_explicit(r->tail_claim, SEQ_CST);
-    if (p == t || t - p > r->capacity || (p | t) % SHMQ_FRAME_ALIGN)
-        return 0;
-    uint64_t s = t;
-    if (!live_bound(r, SIDE_WRITE, p, &s))
+    uint64_t p, s;
+    if (!dead_range(r, SIDE_WRITE, &p, &s))
         return 0;
     sweep_dead_slots(r, p);
     for (int i = 0; i < SHMQ_DEFERRED_SLOTS; i++) {
@@ -1103,13 +1116,8 @@ static int recover_commits(shmq_ring *r)
  */
 static int recover_reads(shmq_ring *r)
 {
-    uint64_t h = atomic_load_explicit(r->head_release, SEQ_CST);
-    /* SYNC: acquire (seq_cst) pairs with the release half of the claim CAS in shmq_read(). */
-    uint64_t c = atomic_load_explicit(r->head_claim, SEQ_CST);
-    if (h == c || c - h > r->capacity || (h | c) % SHMQ_FRAME_ALIGN)
-        return 0;
-    uint64_t x = c;
-    if (!live_bound(r, SIDE_READ, h, &x))
+    uint64_t h, x;
+    if (!dead_range(r, SIDE_READ, &h, &x))
         return 0;
     uint64_t messages = 0, bytes = 0, marked = 0;
     for (uint64_t steps = 0; steps <= r->capacity / SHMQ_FRAME_ALIGN; steps++) {
