@@ -146,14 +146,44 @@ def default_max_spill_bytes(directory: Path) -> int:
     return max(shutil.disk_usage(probe).free // 2, 1 << 20)
 
 
+def dir_mode(mode: int) -> int:
+    """A directory's bits for files of `mode`: x wherever r is (0o600 -> 0o700, 0o660 -> 0o770)."""
+    return mode | (mode & 0o444) >> 2
+
+
+def make_dir(path: Path, mode: int) -> None:
+    """mkdir -p; the directories it creates get exactly dir_mode(mode) (the umask may narrow it),
+    directories already there are left as they are."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(dir_mode(mode))
+            os.chmod(directory, dir_mode(mode))
+
+
+def create_file(path: Path, flags: int, mode: int) -> int:
+    """Open `path`, creating it with exactly `mode` if it is not there; returns the descriptor."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return os.open(path, flags)
+    os.fchmod(fd, mode)  # exactly: the umask may have narrowed it
+    return fd
+
+
 class DataDir:
     """A router's hold on its data directory (an exclusive flock on DIR/LOCK)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
+        """`mode`: permission bits of the files made here (directories get the matching x bits)."""
         self.path = path
+        self.mode = mode
         for sub in ("", "log", "durable"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            make_dir(path / sub, mode)
+        self._lock_fd = create_file(path / "LOCK", os.O_RDWR | os.O_CLOEXEC, mode)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -198,10 +228,12 @@ def validate_durable_name(name: object) -> str:
 class DurableState:
     """A durable subscription's state file, mapped (by the router, and by its subscriber for acks)."""
 
-    def __init__(self, path: Path, *, create_start: int | None = None) -> None:
+    def __init__(self, path: Path, *, create_start: int | None = None, mode: int = 0o600) -> None:
         self.path = path
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create_start is not None else 0)
-        fd = os.open(path, flags, 0o644)
+        if create_start is not None:
+            fd = create_file(path, os.O_RDWR | os.O_CLOEXEC, mode)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fresh = os.fstat(fd).st_size == 0
             if fresh:

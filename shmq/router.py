@@ -243,9 +243,10 @@ class _RouterCore:
             for entry in spill_root.iterdir():
                 if entry.name.startswith(f"{self.bus}."):
                     shutil.rmtree(entry, ignore_errors=True)
+        _ring.set_file_mode(self.mode)  # the log's and spill's files, made in C
         if p.data_dir is None:
             return
-        self.data_dir = _durable.DataDir(p.data_dir)
+        self.data_dir = _durable.DataDir(p.data_dir, self.mode)
         try:
             info = self.forwarder.open_log(str(p.log_dir), p.segment_bytes, _durable.FSYNC_CODES[p.fsync])
         except OSError as exc:
@@ -791,7 +792,9 @@ class _RouterCore:
         redelivered_upto = 0
         if durable_name is not None:
             assert self.data_dir is not None
-            state = DurableState(self.data_dir.state_path(durable_name), create_start=first_seq or 1)
+            state = DurableState(
+                self.data_dir.state_path(durable_name), create_start=first_seq or 1, mode=self.mode
+            )
         try:
             segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
         except BaseException:
@@ -936,7 +939,7 @@ class _RouterCore:
 
     def _set_spill(self, sub: _Subscriber, max_bytes: Any) -> None:
         root = self.persistence.spill_root(self.bus)
-        root.mkdir(parents=True, exist_ok=True)
+        _durable.make_dir(root, self.mode)
         sub.spill_dir = root / f"{self.bus}.{sub.id}.{os.getpid()}"
         if max_bytes is None:
             max_bytes = self.persistence.max_spill_bytes or _durable.default_max_spill_bytes(root)

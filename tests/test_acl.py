@@ -462,6 +462,41 @@ def test_modes_of_the_bus_segment_and_the_rings(bus: str) -> None:
         stop(default)
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o660])
+def test_modes_of_the_data_dir_the_log_and_the_state_files(bus: str, tmp_path: Path, mode: int) -> None:
+    """The router's files follow its mode as its segments do: the durable log, the state file of
+    a durable subscription, a spilling subscriber's files and the LOCK are `mode` exactly (owner
+    only by default), and the directories it makes get the matching x bits."""
+    data = tmp_path / "data"
+    old_umask = os.umask(0o077)  # a strict umask must not narrow an explicit mode
+    try:
+        router = started(bus, mode=mode, data_dir=str(data), durable=["d.>"])
+    finally:
+        os.umask(old_umask)
+    try:
+        with (
+            shmq.Subscriber(bus, "d.>", durable="keep") as keep,
+            shmq.Subscriber(bus, "d.>", on_full="spill", capacity=4096) as spill,
+            shmq.Publisher(bus) as pub,
+        ):
+            for _ in range(200):  # 20 KB for a 4 KiB ring that nobody reads: the rest spills
+                pub.publish("d.x", bytes(100), timeout=10)
+            assert keep.recv(timeout=10).data == bytes(100)
+            assert wait_until(lambda: any(p.is_file() for p in (data / "spill").rglob("*")), 10)
+            assert spill.recv(timeout=10).data == bytes(100)
+            made = list(data.rglob("*"))
+            files = [p for p in made if p.is_file()]
+            dirs = [data, *(p for p in made if p.is_dir())]
+            assert {p.name for p in files} >= {"LOCK", "keep.sub"}
+            assert any(p.parent.name == "log" for p in files)
+            for path in files:
+                assert stat.S_IMODE(path.stat().st_mode) == mode, path
+            for path in dirs:
+                assert stat.S_IMODE(path.stat().st_mode) == mode | (mode & 0o444) >> 2, path
+    finally:
+        stop(router)
+
+
 # -- the CLI ----------------------------------------------------------------------------------------------
 
 

@@ -1502,6 +1502,19 @@ static PyObject *mod_monotonic_ns(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)
     return PyLong_FromLongLong(shmq_now_ns());
 }
 
+static PyObject *mod_set_file_mode(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long mode = PyLong_AsLong(arg);
+    if (mode == -1 && PyErr_Occurred())
+        return NULL;
+    if (mode < 0 || mode > 0777) {
+        PyErr_Format(error_class(E_INVALID_ARGUMENT), "file mode %lo is not permission bits", mode);
+        return NULL;
+    }
+    shmq_log_file_mode = (unsigned)mode;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"format_segment", mod_format_segment, METH_VARARGS,
      "format_segment(buffer, kind, capacity, creator_pid, created_ns): write a fresh header."},
@@ -1514,6 +1527,8 @@ static PyMethodDef module_methods[] = {
      "attach_untracked(buffer, delta): add delta to the untracked-handles count; returns the new count."},
     {"set_error_classes", mod_set_error_classes, METH_O, "Install shmq's exception classes."},
     {"monotonic_ns", mod_monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns (same as time.monotonic_ns)."},
+    {"set_file_mode", mod_set_file_mode, METH_O,
+     "set_file_mode(mode): permission bits of log and spill files this process creates (default 0o600)."},
     PUBSUB_METHODS
     {NULL},
 };

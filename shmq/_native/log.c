@@ -10,6 +10,8 @@
 #define _GNU_SOURCE
 #include "log.h"
 
+unsigned shmq_log_file_mode = 0600;
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -276,11 +278,12 @@ static int create_segment(shmq_log *log, uint64_t base, uint64_t size)
         return -1;
     }
     snprintf(tmp, n, "%s.new", path);
-    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, shmq_log_file_mode);
     if (fd < 0) {
         log->error_what = "create a segment";
         goto fail;
     }
+    fchmod(fd, shmq_log_file_mode); /* exactly: the umask may have narrowed it */
     /* Every block now, so a full disk is an error here rather than a SIGBUS on a store later. */
     int rc = posix_fallocate(fd, 0, (off_t)size);
     if (rc) {
@@ -523,7 +526,10 @@ int shmq_log_open(shmq_log *log, const char *dir, uint64_t segment_size, int fla
     log->segment_size = segment_size & ~7ull;
     log->checksums = checksums;
     log->syncs = (flags & SHMQ_LOG_SYNCS) != 0;
-    if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+    unsigned dir_mode = shmq_log_file_mode | (shmq_log_file_mode & 0444) >> 2;
+    if (mkdir(dir, dir_mode) == 0) {
+        chmod(dir, dir_mode);
+    } else if (errno != EEXIST) {
         log->error = errno;
         log->error_what = "create the log directory";
         return SHMQ_LOG_ERR;

@@ -108,6 +108,9 @@ enum {
 /* Opens (creating if needed) the log in `dir` and recovers its tail: a torn
  * or corrupt last record is cut off (reported in ->damage), numbering goes on
  * after the last good record. */
+/* Permission bits of the files this process creates for logs (and spill); their directories get
+ * the matching x bits. Owner-only (0600) unless the router was given another mode. */
+extern unsigned shmq_log_file_mode;
 int shmq_log_open(shmq_log *log, const char *dir, uint64_t segment_size, int flags);
 void shmq_log_close(shmq_log *log);
 /* Closes the log and removes its segments and directory (spill files, once drained). */
