@@ -198,7 +198,7 @@ class _RouterCore:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.listener = self._bind()
-        self.left_members: list[tuple[int, dict[str, Any]]] = []  # (see _create_bus_segment)
+        self.left_members: list[tuple[int, int, dict[str, Any]]] = []  # (see _create_bus_segment)
         try:
             self.segment = self._create_bus_segment()
         except BaseException:
@@ -986,15 +986,20 @@ class _RouterCore:
         """Group members the last router knew that are gone now (they died while no router ran, or
         the last router stopped while it was redelivering what they left): their rings become
         redelivery inputs, as if they had just left, so the group gets what they had not taken."""
-        for pid, info in self.left_members:
-            ring_name = info["ring"]
-            if _pid_alive(pid) or not self.free_sub_slots:
+        for pid, uid, info in self.left_members:
+            ring_name = info.get("ring")
+            # (only a ring of this bus, made by that member: the description is not trusted further)
+            if not isinstance(ring_name, str) or not ring_name.startswith(f"bus.{self.bus}.s.{pid}."):
+                continue
+            if _pid_alive(pid) or not self.free_sub_slots or info.get("on_full") not in ("block", "drop"):
                 continue  # (a live member says hello again)
             try:
                 segment = Segment.attach(ring_name, _ring.HEADER_SIZE)
             except ShmqError:
                 continue  # removed meanwhile (its process closed it, or shmq gc)
             try:
+                if os.stat(segment.path).st_uid != uid:
+                    raise InvalidArgument(f"it is not owned by uid {uid}, who subscribed with it")
                 segment.register(_attach.ROLE_ROUTER)
                 patterns = tuple(validate_pattern(p) for p in info["patterns"])
                 where = info["where"]
@@ -1011,7 +1016,7 @@ class _RouterCore:
                         self.index.add(pattern, key)
                 input_id = self._new_id()
                 self.forwarder.add_input(input_id, segment.mapping, -1)
-            except (ShmqError, KeyError, TypeError, ValueError) as exc:
+            except (ShmqError, OSError, KeyError, TypeError, ValueError) as exc:
                 log.warning(
                     "bus %r: cannot take over the ring %s a group member left: %s", self.bus, ring_name, exc
                 )
@@ -1024,6 +1029,7 @@ class _RouterCore:
             m[off : off + SUBSCRIBER_SLOT] = bytes(SUBSCRIBER_SLOT)
             put_u32(m, off + 4, pid)
             put_u32(m, off + 8, POLICIES[grp.on_full])
+            put_u32(m, off + _bus.SS_UID, uid)
             raw = json.dumps(info, separators=(",", ":")).encode()
             m[off + SUBSCRIBER_DESCRIPTION : off + SUBSCRIBER_DESCRIPTION + len(raw)] = raw
             put_u32(m, off, SLOT_DRAINING)
@@ -1115,8 +1121,8 @@ class _RouterCore:
         put_u32(self.segment.mapping, self._pub_slot_offset(pub.slot), state)
 
 
-def _group_members_in(mapping: Any) -> list[tuple[int, dict[str, Any]]]:
-    """(pid, description) of every group member an old bus segment lists (live or draining), when
+def _group_members_in(mapping: Any) -> list[tuple[int, int, dict[str, Any]]]:
+    """(pid, uid, description) of every group member an old bus segment lists (live or draining), when
     the description is whole (a long filter is cut short there, and then the group is unknown)."""
     found = []
     subs, count = _bus.u64(mapping, OFF_SUBSCRIBERS), _bus.u32(mapping, OFF_MAX_SUBSCRIBERS)
@@ -1134,7 +1140,7 @@ def _group_members_in(mapping: Any) -> list[tuple[int, dict[str, Any]]]:
             and info.get("group") is not None
             and len(raw) < SUBSCRIBER_DESCRIPTION_MAX - 1
         ):
-            found.append((_bus.u32(mapping, off + 4), info))
+            found.append((_bus.u32(mapping, off + 4), _bus.u32(mapping, off + _bus.SS_UID), info))
     return found
 
 
