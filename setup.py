@@ -46,6 +46,7 @@ setup(
                 "shmq/_native/ring.c",
                 "shmq/_native/bus.c",
                 "shmq/_native/log.c",
+                "shmq/_native/hist.c",
             ],
             depends=[
                 "shmq/_native/ring.h",
@@ -53,6 +54,8 @@ setup(
                 "shmq/_native/log.h",
                 "shmq/_native/_pubsub.c",
                 "shmq/_native/_log.c",
+                "shmq/_native/_hist.c",
+                "shmq/_native/hist.h",
             ],
             extra_compile_args=compile_args,
             extra_link_args=link_args,

@@ -17,6 +17,8 @@ How the layers stack (bottom up):
   shmq/router.py           the router process (`Router`, `serve`): control plane.
   shmq/pubsub.py           `Publisher`, `Subscriber`: the clients of a bus.
   shmq/_bus.py             the bus segment, statistics, the control protocol.
+  shmq/_native/hist.c      latency histograms (HDR layout, shared memory);
+                           shmq/latency.py is `LatencyRecorder`.
   shmq/cli.py              the `shmq` command.
 
 docs/ARCHITECTURE.md has the byte layouts and the memory-ordering argument.
@@ -48,6 +50,7 @@ from shmq._errors import (
 from shmq._errors import native_error_classes as _native_error_classes
 from shmq._native import _ring
 from shmq.acl import Acl
+from shmq.latency import LatencyRecorder, LatencySummary
 from shmq.pubsub import Message, Publisher, Subscriber
 from shmq.queue import Queue, QueueStats
 from shmq.router import Router
@@ -69,6 +72,8 @@ __all__ = [
     "InvalidArgument",
     "InvalidFilter",
     "InvalidTopic",
+    "LatencyRecorder",
+    "LatencySummary",
     "LogWriteError",
     "Message",
     "MessageDecodeError",

@@ -270,6 +270,23 @@ def read_info(name: str) -> SegmentInfo:
             owner_uid=st.st_uid,
             mode=st.st_mode & 0o777,
         )
+    if len(head) >= _ring.HIST_HEADER and u64(0) == _ring.HIST_MAGIC:  # a LatencyRecorder's
+        version = u32(8)
+        return SegmentInfo(
+            name=name,
+            path=path,
+            size=st.st_size,
+            valid=version == _ring.HIST_VERSION,
+            problem="" if version == _ring.HIST_VERSION else f"histogram layout version {version}",
+            kind="latency",
+            capacity=st.st_size,
+            creator_pid=u64(64),
+            created_ns=u64(72),
+            depth_messages=0,
+            depth_bytes=0,
+            owner_uid=st.st_uid,
+            mode=st.st_mode & 0o777,
+        )
     if len(head) < 1024:
         problem = f"only {st.st_size} bytes"
     elif u64(_ring.OFF_MAGIC) == 0:
@@ -322,6 +339,10 @@ def abandoned(info: SegmentInfo) -> str:
         if not info.valid or process_started_by(info.creator_pid, info.created_ns):
             return ""
         return f"its router (pid {info.creator_pid}) is gone"
+    if info.kind == "latency":  # (readers are not tracked: a dead creator leaves it to gc)
+        if not info.valid or process_started_by(info.creator_pid, info.created_ns):
+            return ""
+        return f"the latency recorder's creator (pid {info.creator_pid}) is gone"
     if not info.valid:
         if info.problem == "never finished by its creator":
             age = time.time() - os.stat(info.path).st_mtime if os.path.exists(info.path) else 0.0

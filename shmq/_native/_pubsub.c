@@ -876,6 +876,7 @@ typedef struct {
     RingObject *ring;
     cached_topic *cache;   /* by router topic number, direct-mapped */
     PyObject *acker;       /* durable subscriptions: given to each message for msg.ack() */
+    HistogramObject *latency; /* record_latency: now - timestamp of each message received */
     PyObject *weakreflist;
 } SubscriberCoreObject;
 
@@ -908,6 +909,7 @@ static void SubscriberCore_dealloc(SubscriberCoreObject *self)
     free(self->cache);
     Py_XDECREF(self->ring);
     Py_XDECREF(self->acker);
+    Py_XDECREF(self->latency);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -942,6 +944,11 @@ static MessageObject *decode_frame(SubscriberCoreObject *self, const uint8_t *sr
     MessageObject *msg = topic ? message_new(topic, &m) : NULL;
     if (msg && self->acker && m.log_seq)
         msg->acker = Py_NewRef(self->acker);
+    if (msg && self->latency && self->latency->hist.counts_len) {
+        /* Publish to receive, on the clock the publisher stamped (CLOCK_MONOTONIC). */
+        int64_t waited = shmq_now_ns() - (int64_t)m.timestamp_ns;
+        self->latency->clamped += (unsigned)shmq_hist_record(&self->latency->hist, waited > 0 ? (uint64_t)waited : 0, 1);
+    }
     return msg;
 }
 
@@ -1012,8 +1019,19 @@ static PyObject *SubscriberCore_set_acker(SubscriberCoreObject *self, PyObject *
     Py_RETURN_NONE;
 }
 
+static PyObject *SubscriberCore_set_latency(SubscriberCoreObject *self, PyObject *arg)
+{
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &HistogramType)) {
+        PyErr_SetString(error_class(E_ARGUMENT_TYPE), "_set_latency() takes a Histogram or None");
+        return NULL;
+    }
+    Py_XSETREF(self->latency, arg == Py_None ? NULL : (HistogramObject *)Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef SubscriberCore_methods[] = {
     {"_set_acker", (PyCFunction)SubscriberCore_set_acker, METH_O, NULL},
+    {"_set_latency", (PyCFunction)SubscriberCore_set_latency, METH_O, NULL},
     {"recv", (PyCFunction)(void (*)(void))SubscriberCore_recv, METH_FASTCALL | METH_KEYWORDS,
      "recv(timeout=None) -> Message: the next message; raises Empty at the timeout."},
     {"recv_many", (PyCFunction)(void (*)(void))SubscriberCore_recv_many, METH_FASTCALL | METH_KEYWORDS,

@@ -1387,6 +1387,7 @@ static PyTypeObject RingType = {
 };
 
 /* The pub/sub binding shares this translation unit (and its helpers). */
+#include "_hist.c"
 #include "_pubsub.c"
 
 /* ------------------------------------------------------------------ */
@@ -1530,6 +1531,7 @@ static PyMethodDef module_methods[] = {
     {"set_file_mode", mod_set_file_mode, METH_O,
      "set_file_mode(mode): permission bits of log and spill files this process creates (default 0o600)."},
     PUBSUB_METHODS
+    HIST_METHODS
     {NULL},
 };
 
@@ -1540,7 +1542,7 @@ static struct PyModuleDef ring_module = {
 PyMODINIT_FUNC PyInit__ring(void)
 {
     if (PyType_Ready(&RingType) < 0 || PyType_Ready(&ReadSlotType) < 0 ||
-        PyType_Ready(&WriteSlotType) < 0)
+        PyType_Ready(&WriteSlotType) < 0 || PyType_Ready(&HistogramType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&ring_module);
     if (!m)
@@ -1548,6 +1550,7 @@ PyMODINIT_FUNC PyInit__ring(void)
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0 ||
         PyModule_AddObjectRef(m, "ReadSlot", (PyObject *)&ReadSlotType) < 0 ||
         PyModule_AddObjectRef(m, "WriteSlot", (PyObject *)&WriteSlotType) < 0 ||
+        PyModule_AddObjectRef(m, "Histogram", (PyObject *)&HistogramType) < 0 ||
         pubsub_add_types(m) < 0)
         goto fail;
     struct { const char *name; long long value; } constants[] = {
@@ -1569,12 +1572,14 @@ PyMODINIT_FUNC PyInit__ring(void)
         {"OFF_RECOVER_LOCK", SHMQ_OFF_RECOVER_LOCK}, {"RECOVER_AFTER_NS", SHMQ_RECOVER_AFTER_NS},
         {"OFF_DEFERRED", SHMQ_OFF_DEFERRED}, {"DEFERRED_SLOTS", SHMQ_DEFERRED_SLOTS},
         {"DEFERRED_SLOT_SIZE", SHMQ_DEFERRED_SLOT_SIZE},
+        {"HIST_HEADER", SHMQ_HIST_HEADER}, {"HIST_VERSION", SHMQ_HIST_VERSION},
         {"ATTACH_SLOT_SIZE", SHMQ_ATTACH_SLOT_SIZE}, {"ATTACH_SLOTS", SHMQ_ATTACH_SLOTS},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)
         if (PyModule_AddIntConstant(m, constants[i].name, (long)constants[i].value) < 0)
             goto fail;
-    if (PyModule_AddObject(m, "MAGIC", PyLong_FromUnsignedLongLong(SHMQ_MAGIC)) < 0)
+    if (PyModule_AddObject(m, "MAGIC", PyLong_FromUnsignedLongLong(SHMQ_MAGIC)) < 0 ||
+        PyModule_AddObject(m, "HIST_MAGIC", PyLong_FromUnsignedLongLong(SHMQ_HIST_MAGIC)) < 0)
         goto fail;
     return m;
 fail:
