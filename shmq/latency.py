@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shmq._errors import InvalidArgument, NotFound
+from shmq._errors import AlreadyExists, ArgumentTypeError, InvalidArgument, NotFound
 from shmq._native import _ring
 from shmq._segment import Segment, set_mode, validate_mode
 
@@ -73,6 +73,8 @@ class LatencyRecorder:
         significant_figures: int = DEFAULT_SIGNIFICANT_FIGURES,
         mode: int = 0o600,
     ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise ArgumentTypeError(f"a latency recorder's name is a str, got {type(name).__name__}")
         self._name = name
         self._segment: Segment | None = None
         self._owner = False
@@ -87,7 +89,13 @@ class LatencyRecorder:
                 memory: Any = bytearray(size)
             else:
                 validate_mode(mode)
-                self._segment = Segment.create(SEGMENT_PREFIX + name, size, mode)
+                try:
+                    self._segment = Segment.create(SEGMENT_PREFIX + name, size, mode)
+                except AlreadyExists:
+                    raise AlreadyExists(
+                        f"a latency recorder {name!r} exists already; open it with "
+                        f"LatencyRecorder({name!r}), or pick another name"
+                    ) from None
                 set_mode(SEGMENT_PREFIX + name, mode)
                 self._owner = True
                 memory = self._segment.mapping

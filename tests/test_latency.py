@@ -206,6 +206,10 @@ def test_a_named_recorder_is_recorded_by_several_processes_and_read_by_another(n
 def test_attaching_to_a_missing_recorder_says_how_to_make_it(name: str) -> None:
     with pytest.raises(shmq.NotFound, match="create=True"):
         shmq.LatencyRecorder(name)
+    with shmq.LatencyRecorder(name, create=True), pytest.raises(shmq.AlreadyExists, match="open it with"):
+        shmq.LatencyRecorder(name, create=True)
+    with pytest.raises(shmq.ArgumentTypeError):
+        shmq.LatencyRecorder(42)  # type: ignore[arg-type]
 
 
 def make_and_die(name: str) -> None:
