@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 import click
 
-from shmq import _bus
+from shmq import _bus, observe
 from shmq._bus import BusStats, bus_stats
 from shmq._errors import (
     AlreadyExists,
@@ -228,6 +228,78 @@ def list_command(as_json: bool) -> None:
                 f"{row['subscribers']} subscribers, {row['topics']} topics, {row['messages']} messages)"
             )
         click.echo(line + (f"  ({row['problem']})" if row["problem"] else ""))
+
+
+@main.command("stat")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between the two reads the rates come from (0: one read, no rates).",
+)
+def stat_command(name: str, as_json: bool, interval: float) -> None:
+    """Statistics of one queue or bus (NAME: a queue, else a bus), with rates over --interval."""
+    try:
+        row = observe.stat(name, interval)
+    except ShmqError as exc:
+        fail("stat", str(exc), usage_code(exc))
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    if as_json:
+        click.echo(json.dumps(row, default=list))
+    else:
+        click.echo(_stat_text(row))
+
+
+def _rate(row: dict[str, Any], key: str, unit: str = "/s") -> str:
+    return f" ({row[key]:,.1f}{unit})" if key in row and row[key] is not None else ""
+
+
+def _stat_text(row: dict[str, Any]) -> str:
+    if row["type"] == "queue":
+        lines = [
+            f"queue {row['name']} ({row['kind']}, {row['capacity']:,} bytes), "
+            f"creator pid {row['creator_pid']} {'alive' if row['creator_alive'] else 'gone'}",
+            f"  depth {row['depth_messages']:,} messages, {row['depth_bytes']:,} bytes "
+            f"({row['fill_pct']} % full)",
+            f"  put {row['messages_put']:,}{_rate(row, 'put_per_s')}, {row['bytes_put']:,} bytes"
+            f"{_rate(row, 'bytes_put_per_s', ' B/s')}",
+            f"  got {row['messages_got']:,}{_rate(row, 'got_per_s')}, {row['bytes_got']:,} bytes"
+            f"{_rate(row, 'bytes_got_per_s', ' B/s')}",
+            f"  sleeps: put {row['put_waits']:,}, get {row['get_waits']:,}; deferred commits "
+            f"{row['deferred_commits']:,}; dead producers' claims {row['dead_producer_claims']:,}, "
+            f"dead consumers' messages {row['dead_consumer_messages']:,}",
+        ]
+        attached = ", ".join(
+            f"{a['pid']} {a['role']} {'alive' if a['alive'] else 'dead'}" for a in row["attached"]
+        )
+        lines.append(f"  attached: {attached or 'nobody else'}")
+        return "\n".join(lines)
+    lines = [
+        f"bus {row['bus']}: router pid {row['router_pid']} {'alive' if row['router_alive'] else 'GONE'}",
+        f"  routed {row['messages']:,} messages{_rate(row, 'messages_per_s')}, {row['bytes']:,} bytes"
+        f"{_rate(row, 'bytes_per_s', ' B/s')}; "
+        f"deliveries {row['deliveries']:,}{_rate(row, 'deliveries_per_s')}; "
+        f"drops {row['drops']:,}{_rate(row, 'drops_per_s')}; stalls {row['stalls']:,}",
+        f"  publishers ({len(row['publishers'])}):",
+    ]
+    for p in row["publishers"]:
+        lines.append(
+            f"    pid {p['pid']} {p['state']}: published {p['published']:,}{_rate(p, 'published_per_s')}, "
+            f"queued {p['depth_messages']:,}, stalls {p['stalls']:,}"
+        )
+    lines.append(f"  subscribers ({len(row['subscribers'])}):")
+    for sub in row["subscribers"]:
+        group = f" group {sub['group']}" if sub["group"] else ""
+        lines.append(
+            f"    pid {sub['pid']} {' '.join(sub['patterns'])}{group} ({sub['on_full']}, {sub['state']}): "
+            f"received {sub['received']:,}{_rate(sub, 'received_per_s')}, lag {sub['lag']:,}, "
+            f"drops {sub['drops']:,}"
+        )
+    return "\n".join(lines)
 
 
 @main.command("gc")
