@@ -7,6 +7,7 @@ user, fork a child of this test process and drop to that user (the interpreter's
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import itertools
 import json
@@ -58,6 +59,16 @@ def write_acl(tmp_path: Path, text: str) -> Path:
 
 def started(bus: str, **options: Any) -> shmq.Router:
     return shmq.Router(bus, **options).start()
+
+
+@contextlib.contextmanager
+def running(bus: str, **options: Any) -> Iterator[shmq.Router]:
+    """A router for the block; stopped (once its clients are gone) however the block ends."""
+    router = started(bus, **options)
+    try:
+        yield router
+    finally:
+        stop(router)
 
 
 def stop(router: shmq.Router) -> None:
@@ -251,43 +262,35 @@ def test_publish_is_checked_per_topic_against_the_rules(bus: str, tmp_path: Path
         "allow publish user:root orders.>\n"
         "allow subscribe user:root >\n",
     )
-    router = started(bus, acl=path)
-    try:
-        with shmq.Subscriber(bus, ">") as sub, shmq.Publisher(bus) as pub:
-            assert pub.publish("orders.eu", b"1") == 1
-            with pytest.raises(shmq.PermissionDenied) as denied:
-                pub.publish("orders.secret.keys", b"no")
-            assert "'orders.secret.keys'" in str(denied.value)
-            assert f'{path} line 1: "deny publish user:root orders.secret.>"' in str(denied.value)
-            with pytest.raises(shmq.PermissionDenied, match=r"no rule in .* allows") as unmatched:
-                pub.publish_many("md.x", [b"no"])
-            assert "'md.x'" in str(unmatched.value)
-            with pytest.raises(PermissionError):  # the builtin it also is
-                pub.publish("orders.secret.keys", b"again")  # refused every time, not only the first
-            assert pub.publish("orders.us", b"2") == 1
-            assert pub.stats().published == 2  # nothing of the refused ones was written
-            got = [sub.recv(timeout=WAIT_S) for _ in range(2)]
-            assert [(m.topic, m.data) for m in got] == [("orders.eu", b"1"), ("orders.us", b"2")]
-    finally:
-        stop(router)
+    with running(bus, acl=path), shmq.Subscriber(bus, ">") as sub, shmq.Publisher(bus) as pub:
+        assert pub.publish("orders.eu", b"1") == 1
+        with pytest.raises(shmq.PermissionDenied) as denied:
+            pub.publish("orders.secret.keys", b"no")
+        assert "'orders.secret.keys'" in str(denied.value)
+        assert f'{path} line 1: "deny publish user:root orders.secret.>"' in str(denied.value)
+        with pytest.raises(shmq.PermissionDenied, match=r"no rule in .* allows") as unmatched:
+            pub.publish_many("md.x", [b"no"])
+        assert "'md.x'" in str(unmatched.value)
+        with pytest.raises(PermissionError):  # the builtin it also is
+            pub.publish("orders.secret.keys", b"again")  # refused every time, not only the first
+        assert pub.publish("orders.us", b"2") == 1
+        assert pub.stats().published == 2  # nothing of the refused ones was written
+        got = [sub.recv(timeout=WAIT_S) for _ in range(2)]
+        assert [(m.topic, m.data) for m in got] == [("orders.eu", b"1"), ("orders.us", b"2")]
 
 
 def test_the_router_drops_a_refused_topic_of_a_client_that_skips_the_check(bus: str, tmp_path: Path) -> None:
     path = write_acl(tmp_path, "allow publish user:root ok.>\nallow subscribe user:root >\n")
-    router = started(bus, acl=path)
-    try:
-        with shmq.Subscriber(bus, ">") as sub, shmq.Publisher(bus) as pub:
-            pub._publish_rules = None  # as a client that does not check would
-            pub.publish("secret.x", b"refused")
-            pub.publish("ok.y", b"allowed")
-            # Same publisher, so in order: had the first been routed it would come first.
-            first = sub.recv(timeout=WAIT_S)
-            assert (first.topic, first.data) == ("ok.y", b"allowed")
-            assert [t.topic for t in shmq.bus_stats(bus).topics] == ["ok.y"]
-            pub.publish("ok.z", b"still routed")  # the publisher carries on with allowed topics
-            assert sub.recv(timeout=WAIT_S).topic == "ok.z"
-    finally:
-        stop(router)
+    with running(bus, acl=path), shmq.Subscriber(bus, ">") as sub, shmq.Publisher(bus) as pub:
+        pub._publish_rules = None  # as a client that does not check would
+        pub.publish("secret.x", b"refused")
+        pub.publish("ok.y", b"allowed")
+        # Same publisher, so in order: had the first been routed it would come first.
+        first = sub.recv(timeout=WAIT_S)
+        assert (first.topic, first.data) == ("ok.y", b"allowed")
+        assert [t.topic for t in shmq.bus_stats(bus).topics] == ["ok.y"]
+        pub.publish("ok.z", b"still routed")  # the publisher carries on with allowed topics
+        assert sub.recv(timeout=WAIT_S).topic == "ok.z"
 
 
 def test_subscribe_needs_every_pattern_covered(bus: str, tmp_path: Path) -> None:
@@ -297,8 +300,7 @@ def test_subscribe_needs_every_pattern_covered(bus: str, tmp_path: Path) -> None
         "allow subscribe user:root orders.>\n"
         "allow publish user:root >\n",
     )
-    router = started(bus, acl=path)
-    try:
+    with running(bus, acl=path):
         with pytest.raises(shmq.PermissionDenied) as overlap:
             shmq.Subscriber(bus, ["orders.eu", "orders.*.>"])
         assert "'orders.*.>'" in str(overlap.value) and "line 1" in str(overlap.value)
@@ -311,34 +313,26 @@ def test_subscribe_needs_every_pattern_covered(bus: str, tmp_path: Path) -> None
             pub.publish("orders.us", b"x")
             assert sub.recv(timeout=WAIT_S).topic == "orders.us"
             assert {s.uid for s in shmq.bus_stats(bus).subscribers} == {os.geteuid()}
-    finally:
-        stop(router)
 
 
 def test_a_user_with_no_publish_rule_is_refused_at_hello(bus: str, tmp_path: Path) -> None:
     path = write_acl(tmp_path, "allow subscribe user:root >\ndeny publish user:root >\n")
-    router = started(bus, acl=path)
-    try:
+    with running(bus, acl=path):
         with pytest.raises(shmq.PermissionDenied, match="may not publish"):
             shmq.Publisher(bus)
         with shmq.Subscriber(bus, ">"):
             pass
-    finally:
-        stop(router)
 
 
 def test_groups_come_from_the_kernel(bus: str, tmp_path: Path) -> None:
     group = grp.getgrgid(os.getegid()).gr_name
-    router = started(bus, acl=write_acl(tmp_path, f"allow any group:{group} >\n"))
-    try:
-        with shmq.Subscriber(bus, "a.>"), shmq.Publisher(bus) as pub:
-            pub.publish("a.b", b"")
-            stats = shmq.bus_stats(bus)
-            assert [(p.pid, p.uid, p.gid) for p in stats.publishers] == [
-                (os.getpid(), os.geteuid(), os.getegid())
-            ]
-    finally:
-        stop(router)
+    acl = write_acl(tmp_path, f"allow any group:{group} >\n")
+    with running(bus, acl=acl), shmq.Subscriber(bus, "a.>"), shmq.Publisher(bus) as pub:
+        pub.publish("a.b", b"")
+        stats = shmq.bus_stats(bus)
+        assert [(p.pid, p.uid, p.gid) for p in stats.publishers] == [
+            (os.getpid(), os.geteuid(), os.getegid())
+        ]
 
 
 def test_a_second_hello_in_the_same_read_is_not_a_second_client(bus: str) -> None:
@@ -414,8 +408,7 @@ def test_a_topic_used_under_a_laxer_router_is_checked_again(bus: str, tmp_path: 
 
 
 def test_a_hello_claiming_another_pid_is_refused(bus: str) -> None:
-    router = started(bus)
-    try:
+    with running(bus):
         link = _bus.connect(bus, WAIT_S)
         try:
             link.send(
@@ -433,8 +426,6 @@ def test_a_hello_claiming_another_pid_is_refused(bus: str) -> None:
         assert reply is not None and reply["ok"] is False
         assert reply["error"] == "PermissionDenied"
         assert f"the kernel says pid {os.getpid()}" in reply["message"]
-    finally:
-        stop(router)
 
 
 def test_modes_of_the_bus_segment_and_the_rings(bus: str) -> None:
@@ -654,15 +645,12 @@ def hello_with_ring(bus: str, ring: str) -> Callable[[], dict[str, Any]]:
 
 @pytest.mark.timeout(120)
 def test_another_user_is_refused_without_an_acl(bus: str, other_user: pwd.struct_passwd) -> None:
-    router = started(bus, mode=0o666)  # it may open the bus segment; the router still says no
-    try:
+    with running(bus, mode=0o666):  # it may open the bus segment; the router still says no
         result = run_as(other_user, publish_once(bus))
         assert result["error"] == "PermissionDenied", result
         assert f"uid {other_user.pw_uid}" in result["message"]
         assert "without an ACL only the router's user" in result["message"]
         assert run_as(other_user, subscribe_once(bus, ">"))["error"] == "PermissionDenied"
-    finally:
-        stop(router)
 
 
 @pytest.mark.timeout(120)
@@ -671,18 +659,14 @@ def test_another_user_is_accepted_with_a_rule(
 ) -> None:
     name = other_user.pw_name
     path = write_acl(tmp_path, f"allow publish user:{name} shared.>\nallow any user:root >\n")
-    router = started(bus, acl=path, mode=0o666)
-    try:
-        with shmq.Subscriber(bus, ">") as sub:
-            result = run_as(other_user, publish_once(bus))
-            assert result == {"seq": 1, "refused": result["refused"], "uid": other_user.pw_uid}
-            assert "'private.x'" in result["refused"] and "no rule in" in result["refused"]
-            msg = sub.recv(timeout=WAIT_S)
-            assert (msg.topic, msg.data) == ("shared.hello", b"from another user")
-            refused = run_as(other_user, subscribe_once(bus, "shared.>"))
-            assert refused["error"] == "PermissionDenied" and "'shared.>'" in refused["message"], refused
-    finally:
-        stop(router)
+    with running(bus, acl=path, mode=0o666), shmq.Subscriber(bus, ">") as sub:
+        result = run_as(other_user, publish_once(bus))
+        assert result == {"seq": 1, "refused": result["refused"], "uid": other_user.pw_uid}
+        assert "'private.x'" in result["refused"] and "no rule in" in result["refused"]
+        msg = sub.recv(timeout=WAIT_S)
+        assert (msg.topic, msg.data) == ("shared.hello", b"from another user")
+        refused = run_as(other_user, subscribe_once(bus, "shared.>"))
+        assert refused["error"] == "PermissionDenied" and "'shared.>'" in refused["message"], refused
 
 
 @pytest.mark.timeout(120)
@@ -690,12 +674,8 @@ def test_another_user_cannot_hand_the_router_a_ring_it_does_not_own(
     bus: str, other_user: pwd.struct_passwd, tmp_path: Path
 ) -> None:
     path = write_acl(tmp_path, f"allow publish user:{other_user.pw_name} >\nallow any user:root >\n")
-    router = started(bus, acl=path, mode=0o666)
-    try:
-        with shmq.Publisher(bus) as mine:
-            reply = run_as(other_user, hello_with_ring(bus, mine.ring_name))
-            assert reply["ok"] is False and reply["error"] == "PermissionDenied", reply
-            assert "belongs to uid 0" in reply["message"]
-            assert len(shmq.bus_stats(bus).publishers) == 1
-    finally:
-        stop(router)
+    with running(bus, acl=path, mode=0o666), shmq.Publisher(bus) as mine:
+        reply = run_as(other_user, hello_with_ring(bus, mine.ring_name))
+        assert reply["ok"] is False and reply["error"] == "PermissionDenied", reply
+        assert "belongs to uid 0" in reply["message"]
+        assert len(shmq.bus_stats(bus).publishers) == 1
