@@ -137,6 +137,21 @@ uint64_t shmq_hist_highest_equivalent(const shmq_hist *h, uint64_t value)
     return shmq_hist_lowest_equivalent(h, value) + (1ull << adjusted) - 1;
 }
 
+/* min and max under concurrent recorders: a CAS loop that only ever moves them outward. */
+static inline void lower_to(_Atomic uint64_t *word, uint64_t value)
+{
+    uint64_t seen = atomic_load_explicit(word, RELAXED);
+    while (value < seen && !atomic_compare_exchange_weak_explicit(word, &seen, value, RELAXED, RELAXED)) {
+    }
+}
+
+static inline void raise_to(_Atomic uint64_t *word, uint64_t value)
+{
+    uint64_t seen = atomic_load_explicit(word, RELAXED);
+    while (value > seen && !atomic_compare_exchange_weak_explicit(word, &seen, value, RELAXED, RELAXED)) {
+    }
+}
+
 int shmq_hist_record(shmq_hist *h, uint64_t value, uint64_t count)
 {
     int clamped = value > h->highest;
@@ -148,14 +163,8 @@ int shmq_hist_record(shmq_hist *h, uint64_t value, uint64_t count)
     atomic_fetch_add_explicit(&h->counts[index], count, RELAXED);
     atomic_fetch_add_explicit(U64_AT(h->base, OFF_TOTAL), count, RELAXED);
     atomic_fetch_add_explicit(U64_AT(h->base, OFF_SUM), value * count, RELAXED);
-    uint64_t seen = atomic_load_explicit(U64_AT(h->base, OFF_MIN), RELAXED);
-    while (value < seen &&
-           !atomic_compare_exchange_weak_explicit(U64_AT(h->base, OFF_MIN), &seen, value, RELAXED, RELAXED)) {
-    }
-    seen = atomic_load_explicit(U64_AT(h->base, OFF_MAX), RELAXED);
-    while (value > seen &&
-           !atomic_compare_exchange_weak_explicit(U64_AT(h->base, OFF_MAX), &seen, value, RELAXED, RELAXED)) {
-    }
+    lower_to(U64_AT(h->base, OFF_MIN), value);
+    raise_to(U64_AT(h->base, OFF_MAX), value);
     return clamped;
 }
 
@@ -196,15 +205,8 @@ int shmq_hist_add(shmq_hist *dst, const shmq_hist *src)
     }
     atomic_fetch_add_explicit(U64_AT(dst->base, OFF_TOTAL), shmq_hist_total(src), RELAXED);
     atomic_fetch_add_explicit(U64_AT(dst->base, OFF_SUM), shmq_hist_sum(src), RELAXED);
-    uint64_t lo = shmq_hist_min(src), hi = shmq_hist_max(src);
-    uint64_t seen = atomic_load_explicit(U64_AT(dst->base, OFF_MIN), RELAXED);
-    while (lo < seen &&
-           !atomic_compare_exchange_weak_explicit(U64_AT(dst->base, OFF_MIN), &seen, lo, RELAXED, RELAXED)) {
-    }
-    seen = atomic_load_explicit(U64_AT(dst->base, OFF_MAX), RELAXED);
-    while (hi > seen &&
-           !atomic_compare_exchange_weak_explicit(U64_AT(dst->base, OFF_MAX), &seen, hi, RELAXED, RELAXED)) {
-    }
+    lower_to(U64_AT(dst->base, OFF_MIN), shmq_hist_min(src));
+    raise_to(U64_AT(dst->base, OFF_MAX), shmq_hist_max(src));
     return 0;
 }
 
