@@ -230,6 +230,7 @@ class SubscriberStats:
     skipped: int = 0  #: log records it never got (removed by retention, or damaged)
     uid: int = -1  #: its user and group, as the kernel told the router (-1: not known)
     gid: int = -1
+    latency: str | None = None  #: name of its LatencyRecorder (Subscriber(record_latency=...))
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ def read_subscriber(bus: str, buf: Any, off: int, live_ring: Any = None) -> Subs
         skipped=u64(buf, off + SS_SKIPPED),
         uid=u32(buf, off + SS_UID),
         gid=u32(buf, off + SS_GID),
+        latency=info["latency"] if isinstance(info.get("latency"), str) else None,
     )
 
 

@@ -316,6 +316,16 @@ def read_info(name: str) -> SegmentInfo:
     )
 
 
+def list_segment_names(prefix: str = "") -> list[str]:
+    """Names (without the ``shmq.`` prefix) of the shmq segments on this machine, sorted."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    start = SEGMENT_PREFIX + prefix
+    return sorted(e[len(SEGMENT_PREFIX) :] for e in entries if e.startswith(start))
+
+
 def process_started_by(pid: int, when_ns: int, slack_ns: int = 1_000_000_000) -> bool:
     """True if process `pid` runs (not a zombie) and started by `when_ns` + `slack_ns` (so a reused
     pid, started later, does not pass for the process that made something at `when_ns`)."""

@@ -47,6 +47,7 @@ from shmq._errors import (
     ShmqError,
 )
 from shmq._segment import SegmentInfo, abandoned, process_started_by, read_info, segment_path
+from shmq.latency import format_ns
 from shmq.log import LogEntry, LogReport, LogSegment, inspect_log, read_log, wall_time
 from shmq.pubsub import Message, Publisher, Subscriber
 from shmq.queue import WAITS
@@ -258,6 +259,13 @@ def _rate(row: dict[str, Any], key: str, unit: str = "/s") -> str:
     return f" ({row[key]:,.1f}{unit})" if key in row and row[key] is not None else ""
 
 
+def _latency_text(latency: dict[str, Any] | None) -> str:
+    if not latency or not latency["count"]:
+        return ""
+    p50, p99, p999, most = (format_ns(latency[k]) for k in ("p50", "p99", "p999", "max"))
+    return f"; latency p50 {p50}, p99 {p99}, p99.9 {p999}, max {most}"
+
+
 def _stat_text(row: dict[str, Any]) -> str:
     if row["type"] == "queue":
         lines = [
@@ -297,9 +305,55 @@ def _stat_text(row: dict[str, Any]) -> str:
         lines.append(
             f"    pid {sub['pid']} {' '.join(sub['patterns'])}{group} ({sub['on_full']}, {sub['state']}): "
             f"received {sub['received']:,}{_rate(sub, 'received_per_s')}, lag {sub['lag']:,}, "
-            f"drops {sub['drops']:,}"
+            f"drops {sub['drops']:,}{_latency_text(sub['latency_ns'])}"
         )
     return "\n".join(lines)
+
+
+@main.command("top")
+@click.argument("name", required=False)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes (and, with --once, between the two reads the rates come from).",
+)
+@click.option("--once", is_flag=True, help="Print one view (with rates over --interval) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of the view: with --once one object.")
+def top_command(name: str | None, interval: float, once: bool, as_json: bool) -> None:
+    """A live view of every queue and bus on this machine (or only NAME, a queue or bus).
+
+    Rates in and out, bytes/s, depth and fill, drops, spills, lag, each subscriber's latency
+    percentiles (subscribers made with record_latency), and whether routers, publishers,
+    subscribers and queue creators are alive. Refreshes in place; q quits. --once prints one
+    view for scripts (--once --json: one JSON object); --json alone prints one object per
+    refresh, a line each.
+    """
+    from rich.console import Console
+
+    from shmq import top
+
+    try:
+        with _sigterm_interrupts():
+            if not (once or as_json):
+                top.live(name, interval, Console())
+                return
+            view = top.take(name, None)
+            while True:
+                time.sleep(interval)
+                view = top.take(name, view)
+                if as_json:
+                    click.echo(json.dumps(view, default=list))
+                else:
+                    Console().print(top.render(view, interval))
+                if once:
+                    return
+                sys.stdout.flush()
+    except ShmqError as exc:
+        fail("top", str(exc), usage_code(exc))
+    except KeyboardInterrupt:
+        return  # (Ctrl-C or SIGTERM: the way out of a refreshing view without q)
 
 
 @main.command("gc")

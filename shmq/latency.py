@@ -36,6 +36,17 @@ PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)
 _CLOSED = _ring.Histogram.__new__(_ring.Histogram)  # every method raises Closed
 
 
+def format_ns(ns: float) -> str:
+    """A latency in nanoseconds, in the unit that suits it: '850ns', '12.3µs', '4.56ms', '1.2s'."""
+    if ns < 1_000:
+        return f"{ns:.0f}ns"
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.3g}µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.3g}ms"
+    return f"{ns / 1e9:.3g}s"
+
+
 @dataclass(frozen=True)
 class LatencySummary:
     """What `LatencyRecorder.summary()` reports; every figure is in nanoseconds."""

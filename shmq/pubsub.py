@@ -614,9 +614,10 @@ class Subscriber(_ring.SubscriberCore, _Client):
 
     ``record_latency=True`` records, for every message received, the time from its publish to its
     receipt (ns, on the publisher's CLOCK_MONOTONIC stamp) in `sub.latency`, a
-    `shmq.LatencyRecorder` (~30 ns a message, in C); ``record_latency="name"`` makes it a named
-    recorder that other processes can open with ``shmq.LatencyRecorder("name")`` while this
-    subscriber lives.
+    `shmq.LatencyRecorder` (~30 ns a message, in C). The recorder lives in shared memory while
+    the subscriber does, named after its ring (``record_latency="name"`` picks the name): other
+    processes open it with ``shmq.LatencyRecorder(sub.latency.name)``, and ``shmq top`` and
+    ``shmq stat`` show its percentiles.
 
     ``recv(timeout=None)`` returns a `Message` and raises `Empty` at the timeout;
     ``recv_many`` returns a list ([] at the timeout); iterating blocks and ends when the
@@ -707,9 +708,12 @@ class Subscriber(_ring.SubscriberCore, _Client):
             #: publish-to-receive latency of every message received, with record_latency
             self.latency: LatencyRecorder | None = None
             if record_latency:
-                named = record_latency if isinstance(record_latency, str) else None
-                self.latency = LatencyRecorder(named, create=named is not None, mode=mode)
+                # Always in shared memory, so that shmq top and stat can show its percentiles;
+                # record_latency=True names it after the ring.
+                named = record_latency if isinstance(record_latency, str) else ring.name
+                self.latency = LatencyRecorder(named, create=True, mode=mode)
                 self._set_latency(self.latency._hist)
+                hello["latency"] = named
             self._link = _Link(bus, hello, self._sub_connected, self._sub_disconnected)
             self._link.open(connect_timeout)
             self._link.hello["last_value"] = False  # after a router restart there is nothing to replay

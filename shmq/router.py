@@ -138,6 +138,7 @@ class _Subscriber:
     spill_dir: Path | None = None
     spill_full_seen: int = 0
     peer: PeerCredentials | None = None  # as the kernel reported them at connect
+    latency: str | None = None  # its LatencyRecorder's name (record_latency), for shmq top and stat
 
 
 @dataclass
@@ -761,6 +762,9 @@ class _RouterCore:
         if group is not None and on_full not in ("block", "drop"):
             raise InvalidArgument("a queue group member takes on_full='block' or 'drop'")
         start, durable_name = message.get("start"), message.get("durable")
+        latency = message.get("latency")
+        if latency is not None and (not isinstance(latency, str) or len(latency) > 200):
+            raise InvalidArgument(f"latency names the subscriber's LatencyRecorder, got {latency!r}")
         log_fed = start is not None or durable_name is not None
         if log_fed and self.data_dir is None:
             raise InvalidArgument(
@@ -837,6 +841,7 @@ class _RouterCore:
             state=state,
             durable_name=durable_name,
             peer=peer,
+            latency=latency,
         )
         off = self._sub_slot_offset(slot)
         m = self.segment.mapping
@@ -1152,6 +1157,8 @@ def _describe(sub: _Subscriber) -> bytes:
         "group": sub.group,
         "on_full": sub.on_full,
     }
+    if sub.latency is not None:
+        info["latency"] = sub.latency
     raw = json.dumps(info, separators=(",", ":")).encode()
     if len(raw) >= SUBSCRIBER_DESCRIPTION_MAX:  # keep it valid JSON: shorten the filter text
         info["where"] = (sub.where or "")[:60] + "..."

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from shmq._errors import Empty
-from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment
+from shmq._segment import SEGMENT_PREFIX, SHM_DIR, Segment, list_segment_names
 
 if TYPE_CHECKING:
     from shmq.queue import Queue
@@ -44,12 +44,7 @@ def remove_segment(name: str) -> bool:
 
 def list_segments(prefix: str = "") -> list[str]:
     """Names (without the ``shmq.`` prefix) of the shmq segments on this machine."""
-    try:
-        entries = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-    start = SEGMENT_PREFIX + prefix
-    return sorted(e[len(SEGMENT_PREFIX) :] for e in entries if e.startswith(start))
+    return list_segment_names(prefix)
 
 
 @contextlib.contextmanager
