@@ -19,7 +19,8 @@ How the layers stack (bottom up):
   shmq/_bus.py             the bus segment, statistics, the control protocol.
   shmq/_native/hist.c      latency histograms (HDR layout, shared memory);
                            shmq/latency.py is `LatencyRecorder`.
-  shmq/observe.py          snapshots and rates of a queue or bus (shmq stat).
+  shmq/observe.py          snapshots and rates of queues and buses (shmq stat,
+                           shmq top: shmq/top.py).
   shmq/cli.py              the `shmq` command.
 
 docs/ARCHITECTURE.md has the byte layouts and the memory-ordering argument.
