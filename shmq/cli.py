@@ -334,6 +334,8 @@ def top_command(name: str | None, interval: float, once: bool, as_json: bool) ->
 
     from shmq import top
 
+    if not (once or as_json or sys.stdout.isatty()):
+        fail("top", "the live view needs a terminal; for scripts use --once, --json or both", EXIT_USAGE)
     try:
         with _sigterm_interrupts():
             if not (once or as_json):

@@ -170,6 +170,11 @@ def test_top_json_without_once_streams_a_line_per_refresh() -> None:
             q.unlink()
 
 
+def test_the_live_view_wants_a_terminal() -> None:
+    result = run_cli("top")
+    assert result.returncode == 2 and "needs a terminal" in result.stderr
+
+
 def test_top_of_nothing_says_so() -> None:
     result = run_cli("top", "--once", "--interval", "0.1", unique_name("none"))
     assert result.returncode == 1  # (as `shmq stat`: nothing to watch is a failure, not bad usage)
