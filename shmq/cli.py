@@ -47,6 +47,7 @@ from shmq._errors import (
     ShmqError,
 )
 from shmq._segment import SegmentInfo, abandoned, process_started_by, read_info, segment_path
+from shmq.bench import bench_command
 from shmq.latency import format_ns
 from shmq.log import LogEntry, LogReport, LogSegment, inspect_log, read_log, wall_time
 from shmq.pubsub import Message, Publisher, Subscriber
@@ -1220,6 +1221,9 @@ def log_dump_command(
     for damage in records.damage:
         click.echo(f"shmq log dump: skipped {damage.describe()}", err=True)
     raise SystemExit(code)
+
+
+main.add_command(bench_command)
 
 
 if __name__ == "__main__":
