@@ -59,7 +59,7 @@ import click
 from shmq import _bench_peers
 from shmq._errors import InvalidArgument, NotFound, ShmqError
 from shmq._native import _ring
-from shmq.latency import LatencyRecorder
+from shmq.latency import LatencyRecorder, LatencySummary
 from shmq.queue import DEFAULT_CAPACITY, KINDS, WAITS, Kind, Wait
 from shmq.testing import list_segments, remove_segment, unique_name
 
@@ -208,19 +208,10 @@ class BenchConfig:
 # -- results ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class LatencyResult:
-    """A latency distribution (ns) and its percentile spectrum: (percentile, ns) pairs."""
+@dataclass(frozen=True)
+class LatencyResult(LatencySummary):
+    """A latency summary (ns) and its percentile spectrum: (percentile, ns) pairs."""
 
-    count: int
-    mean: float
-    min: int
-    p50: int
-    p90: int
-    p99: int
-    p999: int
-    p9999: int
-    max: int
     spectrum: list[tuple[float, int]] = field(default_factory=list)
 
     @classmethod
